@@ -1,0 +1,379 @@
+"""`justscan-mcp`: the command line. Every command that prints a result takes `--json`.
+
+Exit codes: 0 success; 1 a refused operation (bad input, unknown id, name taken, database down),
+with the reason on stderr (a JSON document there under `--json`); 2 a usage error (argparse).
+Heavy imports (the mcp SDK, uvicorn) happen inside `serve` only, so the other commands start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+from justscan_mcp import __version__
+from justscan_mcp.config import Settings
+from justscan_mcp.errors import JustScanError
+from justscan_mcp.models import DEFAULT_KEY_SCOPES
+
+log = logging.getLogger("justscan_mcp")
+
+
+class CliError(Exception):
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+
+def _emit(args: argparse.Namespace, data: Any, human: Callable[[Any], str]) -> None:
+    if isinstance(data, BaseModel):
+        data = data.model_dump(mode="json")
+    elif isinstance(data, list):
+        data = [d.model_dump(mode="json") if isinstance(d, BaseModel) else d for d in data]
+    if getattr(args, "json", False):
+        sys.stdout.write(json.dumps(data) + "\n")
+    else:
+        sys.stdout.write(human(data) + "\n")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = Settings.from_env()
+    url = getattr(args, "database_url", None)
+    if url:
+        settings = settings.with_overrides(database_url=url, database_url_is_default=False)
+    if getattr(args, "allow_private_targets", False):
+        settings = settings.with_overrides(allow_private_targets=True)
+    return settings
+
+
+def _app(args: argparse.Namespace) -> Any:
+    from justscan_mcp.app import App
+
+    app = App.build(_settings(args))
+    app.prepare()
+    return app
+
+
+def _scopes(raw: str | None) -> list[str] | None:
+    if raw is None:
+        return None
+    return [s.strip() for s in raw.split(",") if s.strip()]
+
+
+def _key_line(k: dict[str, Any]) -> str:
+    state = "revoked" if k.get("revoked_at") else "active"
+    mcp = "mcp on" if k["mcp_enabled"] else "mcp off"
+    return f"{k['id']}\t{k['prefix']}…\tteam {k['team_id']}\t{','.join(k['scopes'])}\t{mcp}\t{state}\t{k.get('name') or ''}"
+
+
+# --- teams and keys ---------------------------------------------------------------------------
+
+
+def cmd_team_create(args: argparse.Namespace) -> None:
+    team = _app(args).service.create_team(name=args.name)
+    _emit(args, team, lambda t: f"created team {t['id']} ({t['name']})")
+
+
+def cmd_team_list(args: argparse.Namespace) -> None:
+    teams = _app(args).service.list_teams()
+    _emit(args, teams, lambda ts: "\n".join(f"{t['id']}\t{t['name']}" for t in ts) or "no teams")
+
+
+def cmd_key_create(args: argparse.Namespace) -> None:
+    created = _app(args).service.create_api_key(
+        team_id=args.team,
+        scopes=list(DEFAULT_KEY_SCOPES) if args.scopes is None else _scopes(args.scopes) or [],
+        mcp_enabled=args.mcp,
+        name=args.name,
+    )
+    _emit(
+        args,
+        created,
+        lambda k: (
+            f"{k['key']}\n(key {k['id']} for team {k['team_id']}, scopes {','.join(k['scopes'])}, "
+            f"MCP {'on' if k['mcp_enabled'] else 'off'}; shown once, only its hash is stored)"
+        ),
+    )
+
+
+def cmd_key_list(args: argparse.Namespace) -> None:
+    keys = _app(args).service.list_api_keys(team_id=args.team)
+    _emit(args, keys, lambda ks: "\n".join(_key_line(k) for k in ks) or "no keys")
+
+
+def cmd_key_update(args: argparse.Namespace) -> None:
+    key = _app(args).service.update_api_key(key_id=args.id, mcp_enabled=args.mcp, scopes=_scopes(args.scopes))
+    _emit(args, key, _key_line)
+
+
+def cmd_key_revoke(args: argparse.Namespace) -> None:
+    key = _app(args).service.revoke_api_key(key_id=args.id)
+    _emit(args, key, _key_line)
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def _launcher() -> tuple[str, list[str]]:
+    """How a client should launch this server: the console script if found, else the module."""
+    argv0 = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if os.path.basename(argv0) == "justscan-mcp" and os.access(argv0, os.X_OK):
+        return argv0, ["serve"]
+    found = shutil.which("justscan-mcp")
+    if found:
+        return os.path.abspath(found), ["serve"]
+    return sys.executable, ["-m", "justscan_mcp", "serve"]
+
+
+def claude_desktop_snippet(key: str, settings: Settings) -> str:
+    command, cmd_args = _launcher()
+    env = {"JUSTSCAN_API_KEY": key}
+    if not settings.database_url_is_default:
+        env["JUSTSCAN_DATABASE_URL"] = "<the same JUSTSCAN_DATABASE_URL as this server>"
+    return json.dumps(
+        {"mcpServers": {"justscan": {"command": command, "args": cmd_args, "env": env}}}, indent=2
+    )
+
+
+def _bootstrap(app: Any, settings: Settings) -> str | None:
+    """On the embedded SQLite default with no team yet, create one with an MCP key (shown once)."""
+    if not settings.database_url_is_default or app.store.count_teams() > 0:
+        return None
+    team = app.service.create_team(name="default")
+    created = app.service.create_api_key(
+        team_id=team.id, scopes=["webhooks:read", "webhooks:write", "events:write"], name="first key"
+    )
+    return str(created.key)
+
+
+def _http_banner(host: str, port: int, first_key: str | None, settings: Settings) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    base = f"http://{shown}:{port}"
+    key = first_key or "jsi_..."
+    lines = [
+        "",
+        f"justscan-mcp {__version__} serving on {base}",
+        f"  MCP (streamable HTTP): {base}/mcp",
+        f"  MCP (SSE):             {base}/sse",
+        f"  health:                {base}/healthz",
+        f"  database:              {_redacted(settings.database_url)}",
+        "",
+    ]
+    if first_key:
+        lines += [
+            "First run: created team 'default' and an MCP-enabled API key. It is shown ONCE; only",
+            "its hash is stored. Make more with `justscan-mcp key create --team 1`.",
+            "",
+            f"  API key: {first_key}",
+            "",
+        ]
+    else:
+        lines += [
+            "Connect with an MCP-enabled API key (create one: `justscan-mcp team create NAME`, then",
+            "`justscan-mcp key create --team ID`).",
+            "",
+        ]
+    lines += [
+        "Hosted agent over HTTP: point an MCP client at the /mcp URL with the header",
+        f"  Authorization: Bearer {key}",
+        "",
+        "Claude Desktop (stdio): add to claude_desktop_config.json:",
+        claude_desktop_snippet(key, settings),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _redacted(url: str) -> str:
+    from justscan_mcp.store import redact_url
+
+    return redact_url(url)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    settings = _settings(args)
+    if args.transport == "stdio":
+        _serve_stdio(settings)
+    else:
+        _serve_http(args, settings)
+
+
+def _serve_stdio(settings: Settings) -> None:
+    import anyio
+
+    from justscan_mcp.app import App
+    from justscan_mcp.errors import AuthError, StoreUnavailable
+
+    # stdout carries the protocol: everything human goes to stderr, one line when refusing.
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    if not settings.api_key:
+        raise CliError(
+            "JUSTSCAN_API_KEY is not set; the stdio server acts as that key (create one with `justscan-mcp key create`)"
+        )
+    app = App.build(settings)
+    try:
+        app.prepare()
+        principal = app.service.authenticate(settings.api_key)
+        app.service.require_mcp(principal)
+    except AuthError as exc:
+        raise CliError(f"JUSTSCAN_API_KEY refused: {exc.message}") from None
+    except StoreUnavailable as exc:
+        raise CliError(
+            f"cannot open the database {_redacted(settings.database_url)}: {exc.message}"
+        ) from None
+
+    from justscan_mcp.mcp_server import build_mcp_server
+
+    server = build_mcp_server(app, fixed_key_id=principal.key_id)
+
+    async def main() -> None:
+        async with app.lifespan():
+            await server.run_stdio_async()
+
+    anyio.run(main)
+
+
+def _serve_http(args: argparse.Namespace, settings: Settings) -> None:
+    import uvicorn
+
+    from justscan_mcp.app import App
+    from justscan_mcp.http_server import build_http_app
+
+    _configure_logging()
+    app = App.build(settings)
+    first_key = None
+    if settings.database_url_is_default:
+        # The embedded default is always reachable; a configured database is awaited in the lifespan.
+        app.prepare()
+        first_key = _bootstrap(app, settings)
+    sys.stderr.write(_http_banner(args.host, args.port, first_key, settings) + "\n")
+    sys.stderr.flush()
+    asgi = build_http_app(app, host=args.host, port=args.port, allowed_hosts=args.allowed_host or ())
+    uvicorn.run(asgi, host=args.host, port=args.port, log_level="info", lifespan="on")
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not an integer id") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive id")
+    return value
+
+
+def _port(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a port number (0-65535)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="justscan-mcp", description="Just Scan It webhooks: MCP server, API and CLI."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument(
+        "--database-url",
+        help="SQLAlchemy URL (default: $JUSTSCAN_DATABASE_URL or SQLite in the user data dir)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        parent: Any, name: str, func: Callable[[argparse.Namespace], None], help_: str, json_flag: bool = True
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        if json_flag:
+            p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+        return p
+
+    serve = add(sub, "serve", cmd_serve, "run the MCP server (stdio by default, or HTTP)", json_flag=False)
+    serve.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument(
+        "--no-dispatcher", action="store_true", help="do not run the delivery dispatcher in this process"
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="HOST",
+        help="public host name clients use (behind a proxy); repeatable; also $JUSTSCAN_ALLOWED_HOSTS",
+    )
+    serve.add_argument(
+        "--allow-private-targets",
+        action="store_true",
+        help="allow http:// and private webhook targets (development)",
+    )
+
+    team = sub.add_parser("team", help="manage teams").add_subparsers(
+        dest="team_command", required=True, metavar="ACTION"
+    )
+    p = add(team, "create", cmd_team_create, "create a team")
+    p.add_argument("name")
+    add(team, "list", cmd_team_list, "list teams")
+
+    key = sub.add_parser("key", help="manage API keys").add_subparsers(
+        dest="key_command", required=True, metavar="ACTION"
+    )
+    p = add(key, "create", cmd_key_create, "create an API key (printed once)")
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p.add_argument(
+        "--scopes",
+        help="comma-separated: webhooks:read,webhooks:write,events:write (default webhooks:read,webhooks:write)",
+    )
+    p.add_argument("--mcp", dest="mcp", action="store_true", default=True, help="MCP tools enabled (default)")
+    p.add_argument("--no-mcp", dest="mcp", action="store_false", help="MCP tools disabled")
+    p.add_argument("--name", help="a label to tell keys apart")
+    p = add(key, "list", cmd_key_list, "list a team's API keys")
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p = add(key, "update", cmd_key_update, "change a key's MCP switch or scopes")
+    p.add_argument("id", type=_positive_int)
+    p.add_argument("--mcp", dest="mcp", action="store_true", default=None)
+    p.add_argument("--no-mcp", dest="mcp", action="store_false")
+    p.add_argument("--scopes")
+    p = add(key, "revoke", cmd_key_revoke, "revoke a key (takes effect on its next call)")
+    p.add_argument("id", type=_positive_int)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (JustScanError, CliError) as exc:
+        field = getattr(exc, "field", None)
+        message = exc.message
+        if getattr(args, "json", False):
+            sys.stderr.write(json.dumps({"error": message, "field": field}) + "\n")
+        else:
+            sys.stderr.write(f"justscan-mcp: error: {message}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

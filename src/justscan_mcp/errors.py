@@ -1,0 +1,92 @@
+"""The one exception tree of justscan-mcp.
+
+Every error a caller is expected to handle derives from `JustScanError`. Front ends map these
+classes to their own vocabulary (MCP tool errors, HTTP status codes, CLI exit codes) in one place
+each; the service never knows which front end called it.
+
+    JustScanError
+    ├── InvalidInput          bad field value; `.field` names it            (HTTP 422)
+    ├── NotFound              unknown id, or another team's id               (HTTP 404)
+    ├── Conflict              unique name already taken                      (HTTP 409)
+    ├── AuthError
+    │   ├── Unauthenticated   no key, unknown key, revoked key               (HTTP 401)
+    │   └── Forbidden         key valid but not allowed                      (HTTP 403)
+    │       ├── McpDisabled   the key's MCP switch is off
+    │       └── MissingScope  the key lacks `.scope`
+    ├── ConfigError           an environment variable or flag is malformed
+    └── StoreUnavailable      the database cannot be reached
+
+Third-party errors (SQLAlchemy, socket) are translated at the adapter boundary with
+`raise ... from exc`, so nothing above `store` catches a driver exception.
+"""
+
+from __future__ import annotations
+
+
+class JustScanError(Exception):
+    """Root of every error justscan-mcp raises on purpose."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(JustScanError):
+    """A value failed a rule; `field` names the offending input (dotted for nested fields)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.reason = message
+
+
+class NotFound(JustScanError):
+    """The id is unknown to the caller's team (a foreign id looks exactly like a missing one)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class Conflict(JustScanError):
+    """A value that must be unique is already taken."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class AuthError(JustScanError):
+    """The caller is not allowed to do this."""
+
+
+class Unauthenticated(AuthError):
+    """No API key, an unknown one, or a revoked one."""
+
+
+class Forbidden(AuthError):
+    """The API key is valid but may not do this."""
+
+
+class McpDisabled(Forbidden):
+    """The API key's MCP switch is off."""
+
+
+class MissingScope(Forbidden):
+    """The API key lacks the scope an operation needs."""
+
+    def __init__(self, scope: str, operation: str) -> None:
+        super().__init__(
+            f"this API key lacks the '{scope}' scope, which {operation} needs; "
+            f"use a key that has '{scope}' (justscan-mcp key update ID --scopes ...)"
+        )
+        self.scope = scope
+        self.operation = operation
+
+
+class ConfigError(JustScanError):
+    """Configuration (environment or flags) is malformed."""
+
+
+class StoreUnavailable(JustScanError):
+    """The database cannot be reached right now."""

@@ -1,0 +1,148 @@
+"""The HTTP process: MCP over streamable HTTP (`/mcp`) and SSE (`/sse`, `/messages/`) and `/healthz`
+on one port, sharing the process lifespan of `App`.
+
+Bearer keys are checked here, before the SDK sees a request, because SPEC wants two different
+answers the SDK's verifier cannot give: 401 for no, unknown or revoked keys, 403 with a reason
+for a key whose MCP switch is off. An accepted key is handed to the SDK as its `AuthenticatedUser`,
+so the SDK's session-ownership checks and `get_access_token()` keep working.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import anyio.to_thread
+from mcp.server.auth.middleware.auth_context import auth_context_var
+from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
+from mcp.server.auth.provider import AccessToken
+from mcp.server.transport_security import TransportSecuritySettings
+from starlette.applications import Starlette
+from starlette.authentication import AuthCredentials
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from justscan_mcp.app import App
+from justscan_mcp.errors import McpDisabled, StoreUnavailable, Unauthenticated
+from justscan_mcp.mcp_server import build_mcp_server
+
+log = logging.getLogger("justscan_mcp.http")
+
+MCP_PATHS = ("/mcp", "/sse", "/messages")
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+
+
+def transport_security(bind_host: str, port: int, extra_hosts: Sequence[str]) -> TransportSecuritySettings:
+    """Host/Origin allow-lists against DNS rebinding: loopback names, the bind address, and any
+    public host names the operator allows (deployments behind a proxy)."""
+    hosts: list[str] = []
+    origins: list[str] = []
+    names = [*LOCAL_HOSTS]
+    if bind_host not in ("0.0.0.0", "::", "", *LOCAL_HOSTS):  # noqa: S104 - comparing, not binding
+        names.append(f"[{bind_host}]" if ":" in bind_host else bind_host)
+    for name in names:
+        hosts += [name, f"{name}:{port}"]
+        origins += [f"http://{name}:{port}", f"https://{name}:{port}"]
+    for extra in extra_hosts:
+        hosts.append(extra if ":" in extra else f"{extra}:*")
+        if ":" not in extra:
+            hosts.append(extra)
+        origins += [f"https://{extra}", f"http://{extra}"]
+    return TransportSecuritySettings(
+        enable_dns_rebinding_protection=True, allowed_hosts=hosts, allowed_origins=origins
+    )
+
+
+def _json(status: int, error: str, description: str, *, www_auth: bool = False) -> JSONResponse:
+    headers = {}
+    if www_auth:
+        headers["WWW-Authenticate"] = f'Bearer error="{error}", error_description="{description}"'
+    return JSONResponse(
+        {"error": error, "error_description": description}, status_code=status, headers=headers
+    )
+
+
+class BearerKeyAuth:
+    """ASGI middleware: authenticate the API key on every MCP request (401 / 403 with a reason)."""
+
+    def __init__(self, app: ASGIApp, *, justscan: App) -> None:
+        self.app = app
+        self.service = justscan.service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(MCP_PATHS):
+            await self.app(scope, receive, send)
+            return
+        header = ""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        scheme, _, raw_key = header.partition(" ")
+        raw_key = raw_key.strip() if scheme.lower() == "bearer" else ""
+        try:
+            principal = await anyio.to_thread.run_sync(self.service.authenticate, raw_key or None)
+            self.service.require_mcp(principal)
+        except Unauthenticated as exc:
+            await _json(401, "invalid_token", exc.message, www_auth=True)(scope, receive, send)
+            return
+        except McpDisabled as exc:
+            await _json(403, "mcp_disabled", exc.message)(scope, receive, send)
+            return
+        except StoreUnavailable:
+            await _json(503, "unavailable", "the webhook store is temporarily unavailable")(
+                scope, receive, send
+            )
+            return
+        # The AccessToken never carries the key itself: only ids, so nothing secret can leak from it.
+        ident = f"key-{principal.key_id}"
+        token = AccessToken(
+            token=ident,
+            client_id=ident,
+            scopes=sorted(principal.scopes),
+            claims={"key_id": principal.key_id, "team_id": principal.team_id},
+        )
+        user = AuthenticatedUser(token)
+        scope["user"] = user
+        scope["auth"] = AuthCredentials(token.scopes)
+        reset = auth_context_var.set(user)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            auth_context_var.reset(reset)
+
+
+def build_http_app(
+    app: App, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts: Sequence[str] = ()
+) -> Starlette:
+    """The ASGI app of `serve --transport http`."""
+    mcp = build_mcp_server(app)
+    security = transport_security(host, port, [*app.settings.allowed_hosts, *allowed_hosts])
+    streamable = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
+    sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security, host=host)
+
+    async def healthz(request: Request) -> JSONResponse:
+        try:
+            await anyio.to_thread.run_sync(app.store.ping)
+        except StoreUnavailable:
+            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
+        return JSONResponse({"status": "ok", "database": app.store.backend})
+
+    @asynccontextmanager
+    async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
+        async with app.lifespan(), mcp.session_manager.run():
+            log.info("ready")
+            yield {}
+
+    routes: list[BaseRoute] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        *streamable.routes,
+        *sse.routes,
+    ]
+    starlette = Starlette(routes=routes, lifespan=lifespan)
+    starlette.add_middleware(BearerKeyAuth, justscan=app)
+    return starlette

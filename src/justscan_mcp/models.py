@@ -1,0 +1,186 @@
+"""Data shapes: SQLModel tables and the public models every front end returns.
+
+Families follow the full-stack-fastapi-template convention: a table class holds everything stored;
+`*Public` models are what callers see (never a key hash; a webhook secret only in `WebhookCreated`).
+All datetimes are timezone-aware UTC, on SQLite as on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy.engine import Dialect
+from sqlmodel import Field, SQLModel
+
+EventName = Literal["scan", "first_scan", "form_submit", "file_download"]
+EVENT_NAMES: tuple[str, ...] = get_args(EventName)
+Scope = Literal["webhooks:read", "webhooks:write", "events:write"]
+SCOPES: tuple[str, ...] = get_args(Scope)
+DEFAULT_KEY_SCOPES: tuple[str, ...] = ("webhooks:read", "webhooks:write")
+
+URL_MAX_LENGTH = 2048
+DESCRIPTION_MAX_LENGTH = 500
+LIST_LIMIT_MAX = 100
+LIST_LIMIT_DEFAULT = 20
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Store UTC, return aware UTC datetimes on every backend (SQLite drops the offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    """The one clock read of the IO layers; pure code takes `now` as an argument instead."""
+    return datetime.now(UTC)
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+
+class Team(SQLModel, table=True):
+    __tablename__ = "teams"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    name: str = Field(sa_column=Column(String(200), nullable=False, unique=True))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class ApiKey(SQLModel, table=True):
+    __tablename__ = "api_keys"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    team_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    name: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
+    # The visible start of the key ("jsi_AbCd1234"), to tell keys apart; the rest exists only as a hash.
+    prefix: str = Field(sa_column=Column(String(32), nullable=False))
+    key_hash: str = Field(sa_column=Column(String(64), nullable=False, unique=True))
+    scopes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    mcp_enabled: bool = Field(default=True)
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class Webhook(SQLModel, table=True):
+    __tablename__ = "webhooks"
+    # Keyset pagination walks (team_id, id); AUTOINCREMENT keeps ids of deleted rows from coming back.
+    __table_args__ = (Index("ix_webhooks_team_id_id", "team_id", "id"), {"sqlite_autoincrement": True})
+
+    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    team_id: int = Field(
+        sa_column=Column(Integer, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
+    )
+    url: str = Field(sa_column=Column(String(URL_MAX_LENGTH), nullable=False))
+    events: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    description: str | None = Field(
+        default=None, sa_column=Column(String(DESCRIPTION_MAX_LENGTH), nullable=True)
+    )
+    secret: str = Field(sa_column=Column(String(100), nullable=False))
+    active: bool = Field(default=True)
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class InstanceSecret(SQLModel, table=True):
+    """Secrets shared by every process on one database (e.g. the cursor signing key)."""
+
+    __tablename__ = "instance_secrets"
+
+    name: str = Field(sa_column=Column(String(64), primary_key=True))
+    value: str = Field(sa_column=Column(String(200), nullable=False))
+
+
+# --- public shapes ----------------------------------------------------------------------------
+
+
+class _Public(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class TeamPublic(_Public):
+    id: int
+    name: str
+
+
+class ApiKeyPublic(_Public):
+    id: int
+    team_id: int
+    name: str | None
+    prefix: str
+    scopes: list[str]
+    mcp_enabled: bool
+    created_at: datetime
+    revoked_at: datetime | None
+    last_used_at: datetime | None
+
+
+class ApiKeyCreated(_Public):
+    """The only shape that ever carries the plain key; it is shown once."""
+
+    id: int
+    key: str
+    team_id: int
+    name: str | None
+    prefix: str
+    scopes: list[str]
+    mcp_enabled: bool
+
+
+class WebhookPublic(_Public):
+    id: int
+    team_id: int
+    url: str
+    events: list[str]
+    description: str | None
+    active: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class WebhookCreated(WebhookPublic):
+    """create_webhook's answer: the webhook plus its signing secret, which no other read returns."""
+
+    secret: str
+
+
+class WebhookPage(BaseModel):
+    webhooks: list[WebhookPublic]
+    next_cursor: str | None
+
+
+class Principal(BaseModel):
+    """Who is calling: an API key resolved against the database at the time of the call."""
+
+    key_id: int
+    team_id: int
+    scopes: frozenset[str]
+    mcp_enabled: bool
+
+    def has(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+def dump(model: BaseModel) -> dict[str, Any]:
+    """JSON-ready dict of a public model (ISO-8601 datetimes)."""
+    return model.model_dump(mode="json")

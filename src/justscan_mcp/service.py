@@ -1,0 +1,365 @@
+"""Use cases of justscan-mcp. Every rule of SPEC lives here once, for every front end.
+
+Front ends (MCP, REST, CLI, dashboard) unpack arguments, call these methods and map
+`justscan_mcp.errors` to their own vocabulary. Nothing here knows a transport. Methods are
+synchronous and keyword-only; async callers run them in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from justscan_mcp.config import Settings
+from justscan_mcp.errors import InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
+from justscan_mcp.models import (
+    DEFAULT_KEY_SCOPES,
+    DESCRIPTION_MAX_LENGTH,
+    EVENT_NAMES,
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    SCOPES,
+    ApiKey,
+    ApiKeyCreated,
+    ApiKeyPublic,
+    Principal,
+    TeamPublic,
+    Webhook,
+    WebhookCreated,
+    WebhookPage,
+    WebhookPublic,
+    utcnow,
+)
+from justscan_mcp.security import (
+    CursorCodec,
+    api_key_prefix,
+    generate_api_key,
+    generate_webhook_secret,
+    hash_api_key,
+    looks_like_api_key,
+)
+from justscan_mcp.store import Store
+from justscan_mcp.targets import Resolver, system_resolver, validate_webhook_url
+
+READ = "webhooks:read"
+WRITE = "webhooks:write"
+TEAM_NAME_MAX = 200
+_MAX_ID = 2**63 - 1
+
+
+def _positive_id(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(field, f"must be an integer id, got {value!r}")
+    if not 1 <= value <= _MAX_ID:
+        raise InvalidInput(field, f"must be a positive integer id, got {value}")
+    return value
+
+
+def validate_events(events: Any) -> list[str]:
+    """Raises: InvalidInput (field ``events``) unless a non-empty list of distinct known events."""
+    choices = ", ".join(EVENT_NAMES)
+    if not isinstance(events, list | tuple) or not events:
+        raise InvalidInput("events", f"must list at least one event; choose from {choices}")
+    seen: list[str] = []
+    for name in events:
+        if not isinstance(name, str) or name not in EVENT_NAMES:
+            raise InvalidInput("events", f"{name!r} is not an event; choose from {choices}")
+        if name in seen:
+            raise InvalidInput("events", f"{name!r} is listed twice; list each event once")
+        seen.append(name)
+    return seen
+
+
+def validate_description(description: Any) -> str | None:
+    """Raises: InvalidInput (field ``description``) for a non-string or one over 500 characters."""
+    if description is None:
+        return None
+    if not isinstance(description, str):
+        raise InvalidInput("description", "must be a string")
+    if len(description) > DESCRIPTION_MAX_LENGTH:
+        raise InvalidInput(
+            "description", f"is {len(description)} characters long; the limit is {DESCRIPTION_MAX_LENGTH}"
+        )
+    return description
+
+
+def validate_limit(limit: Any) -> int:
+    """Raises: InvalidInput (field ``limit``) outside 1..100 (not clamped)."""
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise InvalidInput("limit", f"must be an integer from 1 to {LIST_LIMIT_MAX}")
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise InvalidInput("limit", f"must be from 1 to {LIST_LIMIT_MAX}, got {limit}")
+    return limit
+
+
+def validate_scopes(scopes: Iterable[Any]) -> list[str]:
+    """Raises: InvalidInput (field ``scopes``) for an empty list, an unknown scope or a duplicate."""
+    out: list[str] = []
+    for scope in scopes:
+        if scope not in SCOPES:
+            raise InvalidInput("scopes", f"{scope!r} is not a scope; choose from {', '.join(SCOPES)}")
+        if scope in out:
+            raise InvalidInput("scopes", f"{scope!r} is listed twice")
+        out.append(scope)
+    if not out:
+        raise InvalidInput("scopes", f"must list at least one scope from {', '.join(SCOPES)}")
+    return out
+
+
+def _principal(key: ApiKey) -> Principal:
+    assert key.id is not None
+    return Principal(
+        key_id=key.id, team_id=key.team_id, scopes=frozenset(key.scopes), mcp_enabled=key.mcp_enabled
+    )
+
+
+class Service:
+    """The use cases, over one `Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        resolver: Resolver = system_resolver,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.resolver = resolver
+        self.clock = clock
+        self._cursors: CursorCodec | None = None
+
+    @property
+    def cursors(self) -> CursorCodec:
+        if self._cursors is None:
+            self._cursors = CursorCodec(self.store.instance_secret("cursor_key").encode())
+        return self._cursors
+
+    # --- teams ------------------------------------------------------------------------------
+
+    def create_team(self, *, name: str) -> TeamPublic:
+        """Raises: InvalidInput for an empty or overlong name; Conflict when it is taken."""
+        name = (name or "").strip()
+        if not name:
+            raise InvalidInput("name", "must not be empty")
+        if len(name) > TEAM_NAME_MAX:
+            raise InvalidInput("name", f"is {len(name)} characters long; the limit is {TEAM_NAME_MAX}")
+        return TeamPublic.model_validate(self.store.create_team(name=name, now=self.clock()))
+
+    def list_teams(self) -> list[TeamPublic]:
+        return [TeamPublic.model_validate(t) for t in self.store.list_teams()]
+
+    def _require_team(self, team_id: Any) -> int:
+        tid = _positive_id("team", team_id)
+        if self.store.get_team(tid) is None:
+            raise NotFound("team", f"team {tid} does not exist; create it with `justscan-mcp team create`")
+        return tid
+
+    # --- API keys ---------------------------------------------------------------------------
+
+    def create_api_key(
+        self,
+        *,
+        team_id: int,
+        scopes: Sequence[str] = DEFAULT_KEY_SCOPES,
+        mcp_enabled: bool = True,
+        name: str | None = None,
+    ) -> ApiKeyCreated:
+        """Create a key; its plain text is in the result and nowhere else.
+
+        Raises:
+            InvalidInput: for bad scopes or name. NotFound: for an unknown team.
+        """
+        scope_list = validate_scopes(scopes)
+        if name is not None and len(name) > TEAM_NAME_MAX:
+            raise InvalidInput("name", f"is {len(name)} characters long; the limit is {TEAM_NAME_MAX}")
+        team_id = self._require_team(team_id)
+        raw = generate_api_key()
+        key = self.store.add_api_key(
+            ApiKey(
+                team_id=team_id,
+                name=name,
+                prefix=api_key_prefix(raw),
+                key_hash=hash_api_key(raw),
+                scopes=scope_list,
+                mcp_enabled=mcp_enabled,
+                created_at=self.clock(),
+            )
+        )
+        return ApiKeyCreated.model_validate({**key.model_dump(), "key": raw})
+
+    def list_api_keys(self, *, team_id: int) -> list[ApiKeyPublic]:
+        """Raises: NotFound for an unknown team."""
+        team_id = self._require_team(team_id)
+        return [ApiKeyPublic.model_validate(k) for k in self.store.list_api_keys(team_id)]
+
+    def update_api_key(
+        self, *, key_id: int, mcp_enabled: bool | None = None, scopes: Sequence[str] | None = None
+    ) -> ApiKeyPublic:
+        """Change a key's MCP switch and/or scopes; takes effect on the key's next call.
+
+        Raises:
+            InvalidInput: for bad scopes or nothing to change. NotFound: for an unknown key.
+        """
+        key_id = _positive_id("key", key_id)
+        values: dict[str, Any] = {}
+        if mcp_enabled is not None:
+            values["mcp_enabled"] = bool(mcp_enabled)
+        if scopes is not None:
+            values["scopes"] = validate_scopes(scopes)
+        if not values:
+            raise InvalidInput("key", "nothing to change: give --mcp/--no-mcp or --scopes")
+        key = self.store.update_api_key(key_id, **values)
+        if key is None:
+            raise NotFound("key", f"API key {key_id} does not exist")
+        return ApiKeyPublic.model_validate(key)
+
+    def revoke_api_key(self, *, key_id: int) -> ApiKeyPublic:
+        """Revoke a key; it stops working on its next call. Revoking twice keeps the first time.
+
+        Raises:
+            NotFound: for an unknown key.
+        """
+        key_id = _positive_id("key", key_id)
+        existing = self.store.get_api_key(key_id)
+        if existing is None:
+            raise NotFound("key", f"API key {key_id} does not exist")
+        if existing.revoked_at is not None:
+            return ApiKeyPublic.model_validate(existing)
+        key = self.store.update_api_key(key_id, revoked_at=self.clock())
+        assert key is not None
+        return ApiKeyPublic.model_validate(key)
+
+    # --- authentication ---------------------------------------------------------------------
+
+    def authenticate(self, raw_key: str | None) -> Principal:
+        """Resolve a presented API key to its current principal.
+
+        Raises:
+            Unauthenticated: no key, an unknown key or a revoked key.
+        """
+        if not raw_key:
+            raise Unauthenticated("no API key given; send Authorization: Bearer jsi_...")
+        if not looks_like_api_key(raw_key):
+            raise Unauthenticated("that is not a justscan API key (they start with jsi_)")
+        key = self.store.get_api_key_by_hash(hash_api_key(raw_key))
+        return self._live(key)
+
+    def principal_for_key_id(self, key_id: int) -> Principal:
+        """The key's state now (revocation, MCP switch and scopes are re-read on every call).
+
+        Raises:
+            Unauthenticated: the key is gone or revoked.
+        """
+        return self._live(self.store.get_api_key(key_id))
+
+    def _live(self, key: ApiKey | None) -> Principal:
+        if key is None:
+            raise Unauthenticated("unknown API key")
+        if key.revoked_at is not None:
+            raise Unauthenticated(f"API key {key.prefix}… was revoked")
+        assert key.id is not None
+        self.store.touch_api_key(key.id, now=self.clock())
+        return _principal(key)
+
+    @staticmethod
+    def require_mcp(principal: Principal) -> None:
+        """Raises: McpDisabled when the key's MCP switch is off."""
+        if not principal.mcp_enabled:
+            raise McpDisabled(
+                f"MCP is not enabled for API key {principal.key_id}; turn it on on the API key page "
+                f"or with `justscan-mcp key update {principal.key_id} --mcp`"
+            )
+
+    @staticmethod
+    def require_scope(principal: Principal, scope: str, operation: str) -> None:
+        """Raises: MissingScope naming the scope."""
+        if not principal.has(scope):
+            raise MissingScope(scope, operation)
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def create_webhook(
+        self, *, principal: Principal, url: str, events: Sequence[str], description: str | None = None
+    ) -> WebhookCreated:
+        """Create a webhook for the caller's team; the result is the only place its secret is shown.
+
+        Raises:
+            MissingScope, InvalidInput (url, events, description).
+        """
+        self.require_scope(principal, WRITE, "create_webhook")
+        event_list = validate_events(events)
+        description = validate_description(description)
+        url = validate_webhook_url(
+            url, allow_private=self.settings.allow_private_targets, resolve=self.resolver
+        )
+        now = self.clock()
+        webhook = self.store.add_webhook(
+            Webhook(
+                team_id=principal.team_id,
+                url=url,
+                events=event_list,
+                description=description,
+                secret=generate_webhook_secret(),
+                active=True,
+                created_at=now,
+                updated_at=now,
+            )
+        )
+        return WebhookCreated.model_validate(webhook)
+
+    def get_webhook(self, *, principal: Principal, webhook_id: int) -> WebhookPublic:
+        """Raises: MissingScope, InvalidInput, NotFound (also for another team's id)."""
+        self.require_scope(principal, READ, "get_webhook")
+        return WebhookPublic.model_validate(self._own_webhook(principal, webhook_id))
+
+    def list_webhooks(
+        self, *, principal: Principal, cursor: str | None = None, limit: int = LIST_LIMIT_DEFAULT
+    ) -> WebhookPage:
+        """One page of the team's webhooks, oldest first; pass `next_cursor` back for the next.
+
+        Raises:
+            MissingScope, InvalidInput (limit, cursor).
+        """
+        self.require_scope(principal, READ, "list_webhooks")
+        limit = validate_limit(limit)
+        now = self.clock()
+        after = 0
+        if cursor is not None:
+            if not isinstance(cursor, str) or not cursor:
+                raise InvalidInput("cursor", "must be next_cursor from a previous page, or omitted")
+            after = self.cursors.decode(cursor, kind="webhooks", team_id=principal.team_id, now=now)
+        rows = self.store.list_webhooks(team_id=principal.team_id, after_id=after, limit=limit + 1)
+        page = list(rows[:limit])
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1].id
+            assert last is not None
+            next_cursor = self.cursors.encode(
+                kind="webhooks", team_id=principal.team_id, after_id=last, now=now
+            )
+        return WebhookPage(webhooks=[WebhookPublic.model_validate(w) for w in page], next_cursor=next_cursor)
+
+    def delete_webhook(self, *, principal: Principal, webhook_id: int) -> None:
+        """Raises: MissingScope, InvalidInput, NotFound (also for another team's id)."""
+        self.require_scope(principal, WRITE, "delete_webhook")
+        webhook_id = _positive_id("webhook_id", webhook_id)
+        if not self.store.delete_webhook(team_id=principal.team_id, webhook_id=webhook_id):
+            raise self._not_found(webhook_id)
+
+    def _own_webhook(self, principal: Principal, webhook_id: Any) -> Webhook:
+        webhook_id = _positive_id("webhook_id", webhook_id)
+        webhook = self.store.get_webhook(team_id=principal.team_id, webhook_id=webhook_id)
+        if webhook is None:
+            raise self._not_found(webhook_id)
+        return webhook
+
+    @staticmethod
+    def _not_found(webhook_id: int) -> NotFound:
+        # The same words for a missing id and another team's id: existence must not leak.
+        return NotFound(
+            "webhook_id",
+            f"webhook {webhook_id} does not exist in this team; list_webhooks shows the valid ids",
+        )
