@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import JSON, Column, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -25,6 +25,11 @@ URL_MAX_LENGTH = 2048
 DESCRIPTION_MAX_LENGTH = 500
 LIST_LIMIT_MAX = 100
 LIST_LIMIT_DEFAULT = 20
+
+
+# 64-bit ids everywhere; on SQLite only a column typed exactly INTEGER is the auto-assigned rowid.
+IdType = BigInteger().with_variant(Integer(), "sqlite")
+MAX_ID = 2**63 - 1
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -58,7 +63,7 @@ class Team(SQLModel, table=True):
     __tablename__ = "teams"
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
     name: str = Field(sa_column=Column(String(200), nullable=False, unique=True))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
@@ -67,9 +72,9 @@ class ApiKey(SQLModel, table=True):
     __tablename__ = "api_keys"
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
     team_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False, index=True)
+        sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False, index=True)
     )
     name: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     # The visible start of the key ("jsi_AbCd1234"), to tell keys apart; the rest exists only as a hash.
@@ -87,10 +92,8 @@ class Webhook(SQLModel, table=True):
     # Keyset pagination walks (team_id, id); AUTOINCREMENT keeps ids of deleted rows from coming back.
     __table_args__ = (Index("ix_webhooks_team_id_id", "team_id", "id"), {"sqlite_autoincrement": True})
 
-    id: int | None = Field(default=None, sa_column=Column(Integer, primary_key=True))
-    team_id: int = Field(
-        sa_column=Column(Integer, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False)
-    )
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
+    team_id: int = Field(sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False))
     url: str = Field(sa_column=Column(String(URL_MAX_LENGTH), nullable=False))
     events: list[str] = Field(sa_column=Column(JSON, nullable=False))
     description: str | None = Field(

@@ -19,6 +19,7 @@ from justscan_mcp.models import (
     EVENT_NAMES,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
+    MAX_ID,
     SCOPES,
     ApiKey,
     ApiKeyCreated,
@@ -45,13 +46,12 @@ from justscan_mcp.targets import Resolver, system_resolver, validate_webhook_url
 READ = "webhooks:read"
 WRITE = "webhooks:write"
 TEAM_NAME_MAX = 200
-_MAX_ID = 2**63 - 1
 
 
 def _positive_id(field: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidInput(field, f"must be an integer id, got {value!r}")
-    if not 1 <= value <= _MAX_ID:
+    if not 1 <= value <= MAX_ID:
         raise InvalidInput(field, f"must be a positive integer id, got {value}")
     return value
 

@@ -1,0 +1,203 @@
+"""Shared fixtures.
+
+Store-backed tests run twice: on a real SQLite file and on the real PostgreSQL named by
+`JUSTSCAN_TEST_DATABASE_URL` (a fresh database is created for the session and dropped after).
+Without that variable the PostgreSQL half is skipped, except under CI=true, where it is an error.
+Tests never share teams: each makes its own with a unique name, so one database serves a module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
+from justscan_mcp.models import ApiKeyCreated, Principal, TeamPublic
+from justscan_mcp.store import normalise_url
+
+PUBLIC_IP = "93.184.216.34"
+PUBLIC_URL = f"https://{PUBLIC_IP}/hooks/justscan"
+
+# Names the stub resolver knows; every other name does not resolve (as in this offline sandbox).
+STUB_DNS: dict[str, list[str]] = {
+    "hooks.example.test": [PUBLIC_IP, "2606:2800:220:1:248:1893:25c8:1946"],
+    "internal.example.test": ["10.0.0.5"],
+    "rebind.example.test": [PUBLIC_IP, "127.0.0.1"],
+    "metadata.example.test": ["169.254.169.254"],
+}
+
+
+def stub_resolver(host: str, port: int) -> list[str]:
+    try:
+        return STUB_DNS[host]
+    except KeyError:
+        raise OSError(f"{host} does not resolve") from None
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def pg_base_url() -> Iterator[str | None]:
+    url = os.environ.get("JUSTSCAN_TEST_DATABASE_URL", "").strip()
+    if not url:
+        yield None
+        return
+    admin = create_engine(normalise_url(url), isolation_level="AUTOCOMMIT")
+    name = f"justscan_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:
+        pytest.fail(f"JUSTSCAN_TEST_DATABASE_URL is set but PostgreSQL is unusable: {exc}")
+    try:
+        yield make_url(normalise_url(url)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def _db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path_factory.mktemp('db') / 'justscan.db'}"
+    base = request.getfixturevalue("pg_base_url")
+    if base is None:
+        if in_ci():
+            pytest.fail(
+                "CI=true but JUSTSCAN_TEST_DATABASE_URL is not set: the PostgreSQL tests must run in CI"
+            )
+        pytest.skip("set JUSTSCAN_TEST_DATABASE_URL to run the PostgreSQL half")
+    return str(base)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return _db_url(request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def app(db_url: str) -> Iterator[App]:
+    application = App.build(Settings(database_url=db_url), resolver=stub_resolver)
+    application.prepare()
+    yield application
+    application.close()
+
+
+@dataclass
+class TeamKit:
+    """A team of its own for one test, with a read-write key and helpers."""
+
+    app: App
+    team: TeamPublic
+    rw: ApiKeyCreated
+
+    def key(self, **kwargs: Any) -> ApiKeyCreated:
+        return self.app.service.create_api_key(team_id=self.team.id, **kwargs)
+
+    def principal(self, key: ApiKeyCreated | None = None) -> Principal:
+        return self.app.service.authenticate((key or self.rw).key)
+
+    def webhook_count(self) -> int:
+        return len(self.app.store.list_webhooks(team_id=self.team.id, after_id=0, limit=10_000))
+
+
+def make_team(app: App, prefix: str = "team") -> TeamKit:
+    team = app.service.create_team(name=f"{prefix}-{uuid.uuid4().hex[:10]}")
+    return TeamKit(app=app, team=team, rw=app.service.create_api_key(team_id=team.id))
+
+
+@pytest.fixture
+def kit(app: App) -> TeamKit:
+    return make_team(app, "a")
+
+
+@pytest.fixture
+def other(app: App) -> TeamKit:
+    return make_team(app, "b")
+
+
+# --- real processes ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float = 20.0, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll `predicate` until it returns a truthy value, or fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = predicate()
+            if last:
+                return last
+        except Exception as exc:  # the condition may raise until it holds (e.g. connection refused)
+            last = exc
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}: {last!r}")
+
+
+def child_env(db_url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")}
+    env["JUSTSCAN_DATABASE_URL"] = db_url
+    env.update(extra)
+    return env
+
+
+@dataclass
+class HttpServer:
+    base: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def http_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("http") / "server.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+            env=child_env(db_url),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: proc.poll() is None and httpx.get(f"{base}/healthz", timeout=1).status_code == 200,
+            what=f"HTTP server on {base} (log {log})",
+        )
+        yield HttpServer(base=base, proc=proc, log=log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
