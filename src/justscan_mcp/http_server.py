@@ -29,10 +29,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from justscan_mcp.app import App
 from justscan_mcp.errors import McpDisabled, StoreUnavailable, Unauthenticated
 from justscan_mcp.mcp_server import build_mcp_server
+from justscan_mcp.models import Principal
 
 log = logging.getLogger("justscan_mcp.http")
 
-MCP_PATHS = ("/mcp", "/sse", "/messages")
+SSE_MESSAGES = "/messages"
+MCP_PATHS = ("/mcp", "/sse", SSE_MESSAGES)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -60,7 +62,9 @@ def transport_security(bind_host: str, port: int, extra_hosts: Sequence[str]) ->
 def _json(status: int, error: str, description: str, *, www_auth: bool = False) -> JSONResponse:
     headers = {}
     if www_auth:
-        headers["WWW-Authenticate"] = f'Bearer error="{error}", error_description="{description}"'
+        # Header values are latin-1 and quoted: keep the reason printable ASCII without quotes.
+        safe = description.encode("ascii", "replace").decode().replace('"', "'")
+        headers["WWW-Authenticate"] = f'Bearer error="{error}", error_description="{safe}"'
     return JSONResponse(
         {"error": error, "error_description": description}, status_code=status, headers=headers
     )
@@ -85,8 +89,15 @@ class BearerKeyAuth:
         scheme, _, raw_key = header.partition(" ")
         raw_key = raw_key.strip() if scheme.lower() == "bearer" else ""
         try:
-            principal = await anyio.to_thread.run_sync(self.service.authenticate, raw_key or None)
-            self.service.require_mcp(principal)
+            if scope["path"].startswith(SSE_MESSAGES):
+                # A message for an open SSE session: a refusal here would only reach the client's
+                # log and leave its call waiting forever. Identify the key and let the MCP gate,
+                # which re-reads the key on every call, answer on the stream with the reason.
+                key_id = await anyio.to_thread.run_sync(self.service.identify_key, raw_key or None)
+                principal = Principal(key_id=key_id, team_id=0, scopes=frozenset(), mcp_enabled=False)
+            else:
+                principal = await anyio.to_thread.run_sync(self.service.authenticate, raw_key or None)
+                self.service.require_mcp(principal)
         except Unauthenticated as exc:
             await _json(401, "invalid_token", exc.message, www_auth=True)(scope, receive, send)
             return
@@ -98,13 +109,10 @@ class BearerKeyAuth:
                 scope, receive, send
             )
             return
-        # The AccessToken never carries the key itself: only ids, so nothing secret can leak from it.
+        # The AccessToken never carries the key itself: only its id, so nothing secret can leak from it.
         ident = f"key-{principal.key_id}"
         token = AccessToken(
-            token=ident,
-            client_id=ident,
-            scopes=sorted(principal.scopes),
-            claims={"key_id": principal.key_id, "team_id": principal.team_id},
+            token=ident, client_id=ident, scopes=sorted(principal.scopes), claims={"key_id": principal.key_id}
         )
         user = AuthenticatedUser(token)
         scope["user"] = user

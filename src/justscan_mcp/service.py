@@ -247,6 +247,20 @@ class Service:
         key = self.store.get_api_key_by_hash(hash_api_key(raw_key))
         return self._live(key)
 
+    def identify_key(self, raw_key: str | None) -> int:
+        """The id of a presented key whatever its state (revoked, MCP off); for callers that
+        report the state themselves.
+
+        Raises:
+            Unauthenticated: no key or an unknown key.
+        """
+        if not raw_key or not looks_like_api_key(raw_key):
+            raise Unauthenticated("no API key given; send Authorization: Bearer jsi_...")
+        key = self.store.get_api_key_by_hash(hash_api_key(raw_key))
+        if key is None or key.id is None:
+            raise Unauthenticated("unknown API key")
+        return key.id
+
     def principal_for_key_id(self, key_id: int) -> Principal:
         """The key's state now (revocation, MCP switch and scopes are re-read on every call).
 
@@ -259,7 +273,7 @@ class Service:
         if key is None:
             raise Unauthenticated("unknown API key")
         if key.revoked_at is not None:
-            raise Unauthenticated(f"API key {key.prefix}… was revoked")
+            raise Unauthenticated(f"API key {key.prefix}... was revoked")
         assert key.id is not None
         self.store.touch_api_key(key.id, now=self.clock())
         return _principal(key)

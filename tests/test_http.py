@@ -1,0 +1,202 @@
+"""A real `justscan-mcp serve --transport http` process, driven over streamable HTTP and SSE."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client, MCPError
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import PUBLIC_URL, HttpServer, TeamKit, child_env, free_port, make_team, wait_for
+
+pytestmark = pytest.mark.anyio
+
+INIT = {
+    "jsonrpc": "2.0",
+    "id": 1,
+    "method": "initialize",
+    "params": {
+        "protocolVersion": "2025-06-18",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "1"},
+    },
+}
+ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+
+
+def http_client(server: HttpServer, key: str) -> Client:
+    hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    return Client(streamable_http_client(f"{server.base}/mcp", http_client=hc))
+
+
+def sse(server: HttpServer, key: str) -> Client:
+    return Client(sse_client(f"{server.base}/sse", headers={"Authorization": f"Bearer {key}"}))
+
+
+def post_init(server: HttpServer, headers: dict[str, str]) -> httpx.Response:
+    return httpx.post(f"{server.base}/mcp", json=INIT, headers=ACCEPT | headers, timeout=10)
+
+
+def refusals(server: HttpServer) -> int:
+    return server.log.read_text().count('"POST /mcp HTTP/1.1" 401')
+
+
+def test_healthz(http_server: HttpServer):
+    r = httpx.get(f"{http_server.base}/healthz")
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+def test_no_unknown_or_revoked_key_is_401(http_server: HttpServer, app):
+    kit = make_team(app, "h401")
+    revoked = kit.key()
+    app.service.revoke_api_key(key_id=revoked.id)
+    for headers in (
+        {},
+        {"Authorization": "Bearer"},
+        {"Authorization": "Basic abc"},
+        {"Authorization": "Bearer jsi_" + "z" * 43},
+        {"Authorization": f"Bearer {revoked.key}"},
+    ):
+        r = post_init(http_server, headers)
+        assert r.status_code == 401, headers
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error_description"]
+    assert httpx.get(f"{http_server.base}/sse", timeout=5).status_code == 401
+    for headers in ({}, {"Authorization": "Bearer jsi_" + "z" * 43}):
+        r = httpx.post(f"{http_server.base}/messages/?session_id=x", json=INIT, headers=headers)
+        assert r.status_code == 401
+    assert revoked.key not in http_server.log.read_text()
+
+
+def test_mcp_disabled_key_is_403_with_a_reason(http_server: HttpServer, kit: TeamKit):
+    off = kit.key(mcp_enabled=False)
+    r = post_init(http_server, {"Authorization": f"Bearer {off.key}"})
+    assert r.status_code == 403
+    assert "MCP is not enabled" in r.json()["error_description"]
+    assert (
+        httpx.get(
+            f"{http_server.base}/sse", headers={"Authorization": f"Bearer {off.key}"}, timeout=5
+        ).status_code
+        == 403
+    )
+
+
+def test_dns_rebinding_checks_stay_on(http_server: HttpServer, kit: TeamKit):
+    auth = {"Authorization": f"Bearer {kit.rw.key}"}
+    assert post_init(http_server, auth | {"Host": "evil.example.com"}).status_code == 421
+    assert post_init(http_server, auth | {"Origin": "http://evil.example.com"}).status_code == 403
+    port = http_server.base.rsplit(":", 1)[1]
+    assert post_init(http_server, auth | {"Origin": f"http://localhost:{port}"}).status_code == 200
+
+
+async def test_streamable_http_tools_isolation_and_scopes(http_server: HttpServer, app):
+    a, b = make_team(app, "ha"), make_team(app, "hb")
+    theirs = b.app.service.create_webhook(principal=b.principal(), url=PUBLIC_URL, events=["scan"])
+    async with http_client(http_server, a.rw.key) as c:
+        made = await c.call_tool(
+            "create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "description": "over http"}
+        )
+        assert made.is_error is False and made.structured_content["team_id"] == a.team.id
+        listed = (await c.call_tool("list_webhooks", {})).structured_content["webhooks"]
+        assert [w["id"] for w in listed] == [made.structured_content["id"]]
+        for call in ("delete_webhook",):
+            foreign = await c.call_tool(call, {"webhook_id": theirs.id})
+            assert foreign.is_error and "does not exist" in foreign.content[0].text
+    ro = a.key(scopes=["webhooks:read"])
+    async with http_client(http_server, ro.key) as c:
+        assert [t.name for t in (await c.list_tools()).tools] == ["list_webhooks"]
+        refused = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
+        assert refused.is_error and "webhooks:write" in refused.content[0].text
+    assert a.webhook_count() == 1 and b.webhook_count() == 1
+
+
+async def test_revocation_takes_effect_on_the_next_http_call(http_server: HttpServer, kit: TeamKit):
+    key = kit.key()
+    async with http_client(http_server, key.key) as c:
+        assert (await c.call_tool("list_webhooks", {})).is_error is False
+        kit.app.service.update_api_key(key_id=key.id, scopes=["webhooks:write"])
+        assert sorted(t.name for t in (await c.list_tools()).tools) == ["create_webhook", "delete_webhook"]
+        kit.app.service.revoke_api_key(key_id=key.id)
+        before = refusals(http_server)
+        # The SDK client reports any HTTP error status as a generic MCPError; the log shows it was a 401.
+        with pytest.raises(MCPError):
+            await c.call_tool("list_webhooks", {})
+        assert refusals(http_server) == before + 1
+
+
+async def test_sse_transport_with_bearer_key(http_server: HttpServer, app):
+    a, b = make_team(app, "sa"), make_team(app, "sb")
+    theirs = b.app.service.create_webhook(principal=b.principal(), url=PUBLIC_URL, events=["scan"])
+    async with sse(http_server, a.rw.key) as c:
+        assert sorted(t.name for t in (await c.list_tools()).tools) == [
+            "create_webhook",
+            "delete_webhook",
+            "list_webhooks",
+        ]
+        made = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["file_download"]})
+        assert made.is_error is False
+        foreign = await c.call_tool("delete_webhook", {"webhook_id": theirs.id})
+        assert foreign.is_error
+        gone = await c.call_tool("delete_webhook", {"webhook_id": made.structured_content["id"]})
+        assert gone.structured_content["deleted"] is True
+        a.app.service.update_api_key(key_id=a.rw.id, mcp_enabled=False)
+        # The SSE stream was opened while MCP was on; the next call is refused, with the reason.
+        with pytest.raises(MCPError, match="MCP is not enabled"):
+            await c.call_tool("list_webhooks", {})
+        a.app.service.update_api_key(key_id=a.rw.id, mcp_enabled=True)
+        a.app.service.revoke_api_key(key_id=a.rw.id)
+        with pytest.raises(MCPError, match="revoked"):
+            await c.list_tools()
+    ro = a.key(scopes=["webhooks:read"])
+    async with sse(http_server, ro.key) as c:
+        assert [t.name for t in (await c.list_tools()).tools] == ["list_webhooks"]
+    assert b.webhook_count() == 1 and a.webhook_count() == 0
+
+
+def test_allowed_host_flag_admits_a_public_host_name(db_url: str, app, tmp_path):
+    kit = make_team(app, "proxy")
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "justscan_mcp",
+            "serve",
+            "--transport",
+            "http",
+            "--port",
+            str(port),
+            "--allowed-host",
+            "mcp.justscan.example",
+        ],
+        env=child_env(db_url),
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "log").open("wb"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(
+            lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200,
+            what="server with --allowed-host",
+        )
+        auth = {"Authorization": f"Bearer {kit.rw.key}"}
+        ok = httpx.post(
+            f"{base}/mcp",
+            json=INIT,
+            headers=ACCEPT
+            | auth
+            | {"Host": "mcp.justscan.example", "Origin": "https://mcp.justscan.example"},
+        )
+        assert ok.status_code == 200
+        assert "justscan-webhooks" in json.dumps(ok.text)
+        bad = httpx.post(f"{base}/mcp", json=INIT, headers=ACCEPT | auth | {"Host": "other.example"})
+        assert bad.status_code == 421
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -1,0 +1,86 @@
+"""A real `justscan-mcp serve` subprocess driven over stdio by the SDK's stdio client."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from mcp import Client, MCPError, StdioServerParameters
+
+from tests.conftest import PUBLIC_URL, TeamKit, child_env, make_team
+
+pytestmark = pytest.mark.anyio
+
+
+def params(db_url: str, key: str) -> StdioServerParameters:
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "justscan_mcp", "serve"],
+        env=child_env(db_url, JUSTSCAN_API_KEY=key),
+    )
+
+
+def start_refused(db_url: str, key: str | None) -> subprocess.CompletedProcess[str]:
+    env = child_env(db_url) | ({"JUSTSCAN_API_KEY": key} if key is not None else {})
+    return subprocess.run(
+        [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "stdio"],
+        env=env,
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_refuses_to_start_with_a_one_line_reason(db_url: str, app):
+    kit = make_team(app, "stdio-refuse")
+    revoked, disabled = kit.key(), kit.key(mcp_enabled=False)
+    app.service.revoke_api_key(key_id=revoked.id)
+    cases = {
+        None: "JUSTSCAN_API_KEY is not set",
+        "jsi_" + "u" * 43: "unknown API key",
+        revoked.key: "revoked",
+        disabled.key: "MCP is not enabled",
+    }
+    for key, reason in cases.items():
+        proc = start_refused(db_url, key)
+        assert proc.returncode != 0
+        assert proc.stdout == ""  # stdout is the protocol channel
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and reason in lines[0], proc.stderr
+        if key:
+            assert key not in proc.stderr  # the key itself is never echoed
+
+
+async def test_tools_over_stdio_with_isolation_and_live_revocation(db_url: str, app):
+    a, b = make_team(app, "stdio-a"), make_team(app, "stdio-b")
+    theirs = b.app.service.create_webhook(principal=b.principal(), url=PUBLIC_URL, events=["scan"])
+    key = a.key()
+    async with Client(params(db_url, key.key)) as c:
+        assert sorted(t.name for t in (await c.list_tools()).tools) == [
+            "create_webhook",
+            "delete_webhook",
+            "list_webhooks",
+        ]
+        made = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["first_scan"]})
+        assert made.is_error is False and made.structured_content["team_id"] == a.team.id
+        listed = (await c.call_tool("list_webhooks", {})).structured_content["webhooks"]
+        assert [w["id"] for w in listed] == [made.structured_content["id"]]
+        foreign = await c.call_tool("delete_webhook", {"webhook_id": theirs.id})
+        assert foreign.is_error and "does not exist" in foreign.content[0].text
+        bad = await c.call_tool("create_webhook", {"url": "https://10.0.0.1/x", "events": ["scan"]})
+        assert bad.is_error and "url" in bad.content[0].text
+        app.service.revoke_api_key(key_id=key.id)  # from another process, while the server runs
+        with pytest.raises(MCPError, match="revoked"):
+            await c.call_tool("list_webhooks", {})
+    assert b.webhook_count() == 1 and a.webhook_count() == 1
+
+
+async def test_read_only_key_over_stdio(db_url: str, kit: TeamKit):
+    ro = kit.key(scopes=["webhooks:read"])
+    async with Client(params(db_url, ro.key)) as c:
+        assert [t.name for t in (await c.list_tools()).tools] == ["list_webhooks"]
+        refused = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
+        assert refused.is_error and "webhooks:write" in refused.content[0].text
+    assert kit.webhook_count() == 0
