@@ -200,3 +200,44 @@ def test_allowed_host_flag_admits_a_public_host_name(db_url: str, app, tmp_path)
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_server_started_while_database_is_down_waits_then_recovers(db_url: str, tmp_path):
+    """SPEC: started while the database is unreachable, the server keeps retrying with backoff and
+    says so in its log; it does not exit. It serves 503 meanwhile and stops cleanly on SIGTERM."""
+    from sqlalchemy.engine import make_url
+
+    from tests.tcpproxy import TcpProxy
+
+    if not db_url.startswith("postgresql"):
+        pytest.skip("an unreachable database needs a network database")
+    real = make_url(db_url)
+    gap = free_port()
+    proxied = real.set(host="127.0.0.1", port=gap).render_as_string(hide_password=False)
+    port = free_port()
+    log = tmp_path / "log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+            env=child_env(proxied),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    proxy = TcpProxy(gap, (real.host or "127.0.0.1", real.port or 5432))
+    try:
+        wait_for(lambda: log.read_text().count("not reachable") >= 2, what="retry messages in the log")
+        assert proc.poll() is None
+        assert httpx.get(f"{base}/healthz", timeout=2).status_code == 503
+        assert post_init(HttpServer(base=base, proc=proc, log=log), {}).status_code == 503
+        proxy.start()
+        wait_for(
+            lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, timeout=60, what="recovery"
+        )
+    finally:
+        proc.terminate()
+        try:
+            assert proc.wait(timeout=15) is not None
+        finally:
+            proc.kill()
+            proxy.stop()

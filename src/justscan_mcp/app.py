@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import anyio
 import anyio.to_thread
 
 from justscan_mcp.config import Settings
@@ -31,6 +32,7 @@ class App:
     settings: Settings
     store: Store
     service: Service
+    _ready: anyio.Event = field(default_factory=anyio.Event, init=False, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, *, resolver: Resolver = system_resolver) -> App:
@@ -41,27 +43,49 @@ class App:
         """Create the schema now (CLI commands, tests). Raises: StoreUnavailable."""
         self.store.create_schema()
 
-    def wait_until_ready(self) -> None:
-        """Block until the database answers, logging each retry (never the password)."""
-
-        def on_retry(delay: float, exc: StoreUnavailable) -> None:
-            log.warning(
-                "database %s not reachable (%s); retrying in %.1fs",
-                redact_url(self.settings.database_url),
-                exc.message.splitlines()[0],
-                delay,
-            )
-
-        self.store.wait_until_ready(on_retry=on_retry)
+    async def wait_until_ready(self, *, max_delay: float = 30.0) -> None:
+        """Wait until the database answers and has its schema, backing off and logging each retry
+        (never the password). Cancellable between tries, so a stop signal ends the wait."""
+        delay = 0.5
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.store.create_schema)
+                return
+            except StoreUnavailable as exc:
+                log.warning(
+                    "database %s not reachable (%s); retrying in %.1fs",
+                    redact_url(self.settings.database_url),
+                    exc.message.splitlines()[0],
+                    delay,
+                )
+            await anyio.sleep(delay)
+            delay = min(delay * 2, max_delay)
 
     def close(self) -> None:
         self.store.close()
 
+    @property
+    def ready(self) -> bool:
+        """True once the database has answered and has its schema."""
+        return self._ready.is_set()
+
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[App]:
-        """Process-wide start and stop, shared by stdio, HTTP and workers."""
-        await anyio.to_thread.run_sync(self.wait_until_ready, abandon_on_cancel=True)
+        """Process-wide start and stop, shared by stdio, HTTP and workers.
+
+        The database is awaited in the background: the process starts serving at once (health
+        and requests answer 503 until the database is there) and a stop signal is never stuck
+        behind a database that does not answer.
+        """
+
+        async def become_ready() -> None:
+            await self.wait_until_ready()
+            self._ready.set()
+
         try:
-            yield self
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(become_ready)
+                yield self
+                tg.cancel_scope.cancel()
         finally:
             self.close()

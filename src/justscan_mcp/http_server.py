@@ -75,11 +75,17 @@ class BearerKeyAuth:
 
     def __init__(self, app: ASGIApp, *, justscan: App) -> None:
         self.app = app
+        self.justscan = justscan
         self.service = justscan.service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(MCP_PATHS):
             await self.app(scope, receive, send)
+            return
+        if not self.justscan.ready:
+            await _json(503, "unavailable", "the webhook store is not reachable yet; try again shortly")(
+                scope, receive, send
+            )
             return
         header = ""
         for name, value in scope.get("headers", []):
@@ -134,6 +140,8 @@ def build_http_app(
     sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security, host=host)
 
     async def healthz(request: Request) -> JSONResponse:
+        if not app.ready:
+            return JSONResponse({"status": "starting", "database": "unreachable"}, status_code=503)
         try:
             await anyio.to_thread.run_sync(app.store.ping)
         except StoreUnavailable:

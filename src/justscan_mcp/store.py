@@ -8,8 +8,7 @@ async front ends call the service through a worker thread so the event loop neve
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -115,25 +114,6 @@ class Store:
         """Raises: StoreUnavailable when the database does not answer."""
         with self.session() as s:
             s.exec(select(1)).one()
-
-    def wait_until_ready(
-        self,
-        *,
-        on_retry: Callable[[float, StoreUnavailable], None],
-        max_delay: float = 30.0,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        """Block until the database answers and the schema exists, backing off between tries."""
-        delay = 0.5
-        while True:
-            try:
-                self.ping()
-                self.create_schema()
-                return
-            except StoreUnavailable as exc:
-                on_retry(delay, exc)
-                sleep(delay)
-                delay = min(delay * 2, max_delay)
 
     def instance_secret(self, name: str) -> str:
         """A random value shared by every process on this database, created on first use."""

@@ -1,0 +1,193 @@
+"""The CLI as a user runs it: subprocesses, --json on stdout, errors on stderr, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client, StdioServerParameters
+from mcp.client.streamable_http import streamable_http_client
+
+from tests.conftest import PUBLIC_URL, child_env, free_port, wait_for
+
+
+def run(db_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "justscan_mcp", *args],
+        env=env or child_env(db_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok_json(db_url: str, *args: str):
+    proc = run(db_url, *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_team_and_key_lifecycle_in_json(db_url: str):
+    team = ok_json(db_url, "team", "create", f"cli-{os.getpid()}-{id(db_url)}")
+    assert set(team) == {"id", "name"}
+    key = ok_json(
+        db_url,
+        "key",
+        "create",
+        "--team",
+        str(team["id"]),
+        "--scopes",
+        "webhooks:read",
+        "--no-mcp",
+        "--name",
+        "ci",
+    )
+    assert (
+        key["key"].startswith("jsi_") and key["scopes"] == ["webhooks:read"] and key["mcp_enabled"] is False
+    )
+    assert key["team_id"] == team["id"] and isinstance(key["id"], int)
+    listed = ok_json(db_url, "key", "list", "--team", str(team["id"]))
+    assert [k["id"] for k in listed] == [key["id"]]
+    assert key["key"] not in json.dumps(listed) and listed[0]["prefix"] == key["key"][:12]
+    updated = ok_json(
+        db_url, "key", "update", str(key["id"]), "--mcp", "--scopes", "webhooks:read,webhooks:write"
+    )
+    assert updated["mcp_enabled"] is True and updated["scopes"] == ["webhooks:read", "webhooks:write"]
+    revoked = ok_json(db_url, "key", "revoke", str(key["id"]))
+    assert revoked["revoked_at"] is not None
+    default = ok_json(db_url, "key", "create", "--team", str(team["id"]))
+    assert default["scopes"] == ["webhooks:read", "webhooks:write"] and default["mcp_enabled"] is True
+    assert any(t["id"] == team["id"] for t in ok_json(db_url, "team", "list"))
+
+
+def test_human_output_shows_the_key_once_and_lists_without_it(db_url: str):
+    team = ok_json(db_url, "team", "create", f"human-{os.getpid()}")
+    created = run(db_url, "key", "create", "--team", str(team["id"]))
+    assert created.returncode == 0 and created.stdout.startswith("jsi_")
+    key = created.stdout.split()[0]
+    listed = run(db_url, "key", "list", "--team", str(team["id"]))
+    assert listed.returncode == 0 and key[:12] in listed.stdout and key not in listed.stdout
+
+
+@pytest.mark.parametrize(
+    "args,field,words",
+    [
+        (("team", "create", ""), "name", "must not be empty"),
+        (("key", "create", "--team", "999999999"), "team", "does not exist"),
+        (("key", "create", "--team", "1", "--scopes", "webhooks:admin"), "scopes", "not a scope"),
+        (("key", "create", "--team", "1", "--scopes", ""), "scopes", "at least one"),
+        (("key", "update", "999999999", "--mcp"), "key", "does not exist"),
+        (("key", "revoke", "999999999"), "key", "does not exist"),
+    ],
+)
+def test_refusals_go_to_stderr_with_nonzero_exit(db_url: str, args, field: str, words: str):
+    ok_json(db_url, "team", "list")  # make sure team 1 may exist or not; the errors do not depend on it
+    human = run(db_url, *args)
+    assert human.returncode == 1 and human.stdout == ""
+    assert human.stderr.startswith("justscan-mcp: error:") and words in human.stderr
+    machine = run(db_url, *args, "--json")
+    assert machine.returncode == 1 and machine.stdout == ""
+    err = json.loads(machine.stderr)
+    assert err["field"] == field and words in err["error"]
+
+
+def test_duplicate_team_name_is_refused(db_url: str):
+    name = f"dup-{os.getpid()}"
+    ok_json(db_url, "team", "create", name)
+    proc = run(db_url, "team", "create", name, "--json")
+    assert proc.returncode == 1 and json.loads(proc.stderr)["field"] == "name"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("key", "create"),
+        ("key", "create", "--team", "x"),
+        ("key", "revoke", "-3"),
+        ("serve", "--transport", "ws"),
+        ("serve", "--port", "70000"),
+        (),
+    ],
+)
+def test_usage_errors_exit_2(db_url: str, args):
+    proc = run(db_url, *args)
+    assert proc.returncode == 2 and proc.stdout == "" and "usage:" in proc.stderr
+
+
+def test_malformed_environment_is_reported(db_url: str):
+    proc = run(db_url, "team", "list", env=child_env(db_url, JUSTSCAN_ALLOW_PRIVATE_TARGETS="perhaps"))
+    assert proc.returncode == 1 and "JUSTSCAN_ALLOW_PRIVATE_TARGETS" in proc.stderr
+
+
+@pytest.mark.anyio
+async def test_newcomer_first_run_prints_a_working_key_and_snippets(tmp_path: Path, anyio_backend):
+    """The README's run command on an empty default database ends with a working MCP key."""
+    data_home = tmp_path / "xdg"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")} | {
+        "XDG_DATA_HOME": str(data_home)
+    }
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, what="first-run server")
+        banner = log.read_text()
+        assert (data_home / "justscan-mcp" / "justscan.db").exists()
+        assert f"{base}/mcp" in banner and f"{base}/sse" in banner
+        key = re.search(r"API key: (jsi_\S+)", banner).group(1)
+        assert f"Authorization: Bearer {key}" in banner
+        snippet = json.loads(
+            banner[banner.index("{", banner.index("claude_desktop_config.json")) : banner.rindex("}") + 1]
+        )
+        server = snippet["mcpServers"]["justscan"]
+        assert server["env"] == {"JUSTSCAN_API_KEY": key}
+
+        hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
+        async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
+            made = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
+            assert made.is_error is False
+
+        # Launch exactly what the snippet says, as Claude Desktop would (same user data dir).
+        params = StdioServerParameters(
+            command=server["command"],
+            args=server["args"],
+            env=server["env"] | {"XDG_DATA_HOME": str(data_home)},
+        )
+        async with Client(params) as c:
+            listed = await c.call_tool("list_webhooks", {})
+            assert [w["id"] for w in listed.structured_content["webhooks"]] == [made.structured_content["id"]]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    # A second start does not make another key.
+    port = free_port()
+    second = subprocess.Popen(
+        [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "second.log").open("wb"),
+    )
+    try:
+        wait_for(
+            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
+            what="second start",
+        )
+        text = (tmp_path / "second.log").read_text()
+        assert "API key:" not in text and "key create --team" in text
+    finally:
+        second.terminate()
+        second.wait(timeout=10)
