@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import httpx2
@@ -241,3 +242,24 @@ def test_server_started_while_database_is_down_waits_then_recovers(db_url: str, 
         finally:
             proc.kill()
             proxy.stop()
+
+
+def test_hosted_agent_example_runs_against_the_server(http_server: HttpServer, kit: TeamKit):
+    example = Path(__file__).parents[1] / "examples" / "hosted_agent.py"
+    proc = subprocess.run(
+        [sys.executable, str(example)],
+        env=child_env("unused") | {"JUSTSCAN_URL": f"{http_server.base}/mcp", "JUSTSCAN_API_KEY": kit.rw.key},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "tools: create_webhook, list_webhooks, delete_webhook" in proc.stdout
+    assert "created webhook" in proc.stdout and "deleted webhook" in proc.stdout
+    assert kit.webhook_count() == 0
+
+
+def test_claude_desktop_example_is_valid_and_launches_serve():
+    config = json.loads((Path(__file__).parents[1] / "examples" / "claude_desktop_config.json").read_text())
+    server = config["mcpServers"]["justscan"]
+    assert server["args"] == ["serve"] and "JUSTSCAN_API_KEY" in server["env"]
