@@ -70,7 +70,7 @@ class App:
         return self._ready.is_set()
 
     @asynccontextmanager
-    async def lifespan(self) -> AsyncIterator[App]:
+    async def lifespan(self, *, dispatcher: bool = False) -> AsyncIterator[App]:
         """Process-wide start and stop, shared by stdio, HTTP and workers.
 
         The database is awaited in the background: the process starts serving at once (health
@@ -78,14 +78,28 @@ class App:
         behind a database that does not answer.
         """
 
+        from justscan_mcp.dispatcher import Dispatcher
+
+        running: Dispatcher | None = None
+
         async def become_ready() -> None:
+            nonlocal running
             await self.wait_until_ready()
             self._ready.set()
+            if dispatcher:
+                running = Dispatcher(self.store, self.settings)
+                await running.start()
+                self.service.on_recorded = running.wake
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(become_ready)
-                yield self
-                tg.cancel_scope.cancel()
+                try:
+                    yield self
+                finally:
+                    tg.cancel_scope.cancel()
+            if running is not None:
+                self.service.on_recorded = lambda: None
+                await running.stop()
         finally:
             self.close()

@@ -207,12 +207,12 @@ def _configure_logging() -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     settings = _settings(args)
     if args.transport == "stdio":
-        _serve_stdio(settings)
+        _serve_stdio(settings, dispatcher=not args.no_dispatcher)
     else:
         _serve_http(args, settings)
 
 
-def _serve_stdio(settings: Settings) -> None:
+def _serve_stdio(settings: Settings, *, dispatcher: bool) -> None:
     import anyio
 
     from justscan_mcp.app import App
@@ -243,7 +243,7 @@ def _serve_stdio(settings: Settings) -> None:
     server = build_mcp_server(app, fixed_key_id=principal.key_id)
 
     async def main() -> None:
-        async with app.lifespan():
+        async with app.lifespan(dispatcher=dispatcher):
             await server.run_stdio_async()
 
     anyio.run(main)
@@ -264,8 +264,72 @@ def _serve_http(args: argparse.Namespace, settings: Settings) -> None:
         first_key = _bootstrap(app, settings)
     sys.stderr.write(_http_banner(args.host, args.port, first_key, settings) + "\n")
     sys.stderr.flush()
-    asgi = build_http_app(app, host=args.host, port=args.port, allowed_hosts=args.allowed_host or ())
+    asgi = build_http_app(
+        app,
+        host=args.host,
+        port=args.port,
+        allowed_hosts=args.allowed_host or (),
+        dispatcher=not args.no_dispatcher,
+    )
     uvicorn.run(asgi, host=args.host, port=args.port, log_level="info", lifespan="on")
+
+
+# --- events, deliveries, worker ----------------------------------------------------------------
+
+
+def cmd_emit(args: argparse.Namespace) -> None:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        raise CliError(f"data: not valid JSON ({exc.msg} at position {exc.pos})", field="data") from None
+    result = _app(args).service.emit_event(team_id=args.team, event=args.event, data=data)
+    _emit(
+        args,
+        result,
+        lambda r: (
+            f"recorded event {r['event_id']}; deliveries: {', '.join(map(str, r['deliveries'])) or 'none'}"
+        ),
+    )
+
+
+def _delivery_lines(page: dict[str, Any]) -> str:
+    lines = []
+    for d in page["deliveries"]:
+        retry = f" next retry {d['next_attempt_at']}" if d["next_attempt_at"] else ""
+        lines.append(
+            f"delivery {d['id']}\t{d['event']}\t{d['state']}\t{len(d['attempts'])} attempt(s){retry}"
+        )
+        for a in d["attempts"]:
+            outcome = a["status_code"] if a["status_code"] is not None else "-"
+            error = f"\t{a['error']}" if a["error"] else ""
+            lines.append(f"  #{a['number']} {a['started_at']} {a['duration_ms']} ms HTTP {outcome}{error}")
+    return "\n".join(lines) or "no deliveries"
+
+
+def cmd_deliveries(args: argparse.Namespace) -> None:
+    page = _app(args).service.delivery_log(webhook_id=args.webhook, limit=args.limit, state=args.state)
+    _emit(args, page, _delivery_lines)
+
+
+def cmd_worker(args: argparse.Namespace) -> None:
+    import signal
+
+    import anyio
+
+    from justscan_mcp.app import App
+
+    _configure_logging()
+    app = App.build(_settings(args))
+
+    async def main() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with app.lifespan(dispatcher=True):
+                log.info("worker running; stop with SIGTERM")
+                async for signum in signals:
+                    log.info("received %s; finishing in-flight deliveries", signal.Signals(signum).name)
+                    break
+
+    anyio.run(main)
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -329,6 +393,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="allow http:// and private webhook targets (development)",
     )
+
+    add(
+        sub, "worker", cmd_worker, "run the delivery dispatcher alone (scale-out)", json_flag=False
+    ).add_argument(
+        "--allow-private-targets",
+        action="store_true",
+        help="deliver to private/loopback addresses (development)",
+    )
+    p = add(sub, "emit", cmd_emit, "record an event and fan it out to subscribed webhooks")
+    p.add_argument("event", metavar="EVENT", help="scan, form_submit or file_download")
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="JSON",
+        help='the event data, e.g. \'{"qr_code_id": 1, "scan_id": 2}\'',
+    )
+    p = add(sub, "deliveries", cmd_deliveries, "show a webhook's delivery log, newest first")
+    p.add_argument("--webhook", type=_positive_int, required=True, metavar="ID")
+    p.add_argument("--state", choices=["pending", "retrying", "succeeded", "failed"])
+    p.add_argument("--limit", type=_positive_int, default=20, help="1 to 100 (default 20)")
 
     team = sub.add_parser("team", help="manage teams").add_subparsers(
         dest="team_command", required=True, metavar="ACTION"

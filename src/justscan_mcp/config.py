@@ -19,6 +19,9 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60.0, 300.0, 1800.0)
 DEFAULT_DELIVERY_TIMEOUT = 10.0
 DB_FILENAME = "justscan.db"
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_LEASE_MARGIN = 60.0
+DEFAULT_MAX_IN_FLIGHT = 64
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -95,6 +98,15 @@ class Settings:
     delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
     allow_private_targets: bool = False
     allowed_hosts: tuple[str, ...] = field(default_factory=tuple)
+    poll_interval: float = DEFAULT_POLL_INTERVAL
+    lease_margin: float = DEFAULT_LEASE_MARGIN
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long a claimed delivery stays with its process: the send's own time limit plus a
+        margin, so a lease never expires under a send that is still allowed to run (Svix #2181)."""
+        return self.delivery_timeout + self.lease_margin
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -115,6 +127,17 @@ class Settings:
         allow_private = False
         if raw := env.get("JUSTSCAN_ALLOW_PRIVATE_TARGETS", "").strip():
             allow_private = parse_bool("JUSTSCAN_ALLOW_PRIVATE_TARGETS", raw)
+        poll = DEFAULT_POLL_INTERVAL
+        if raw := env.get("JUSTSCAN_POLL_INTERVAL", "").strip():
+            poll = parse_positive_float("JUSTSCAN_POLL_INTERVAL", raw)
+        margin = DEFAULT_LEASE_MARGIN
+        if raw := env.get("JUSTSCAN_LEASE_MARGIN", "").strip():
+            margin = parse_positive_float("JUSTSCAN_LEASE_MARGIN", raw)
+        in_flight = DEFAULT_MAX_IN_FLIGHT
+        if raw := env.get("JUSTSCAN_MAX_IN_FLIGHT", "").strip():
+            if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+                raise ConfigError(f"JUSTSCAN_MAX_IN_FLIGHT: expected an integer from 1 to 10000, got {raw!r}")
+            in_flight = int(raw)
         hosts = tuple(h.strip() for h in env.get("JUSTSCAN_ALLOWED_HOSTS", "").split(",") if h.strip())
         return cls(
             database_url=url or default_database_url(),
@@ -124,6 +147,9 @@ class Settings:
             delivery_timeout=timeout,
             allow_private_targets=allow_private,
             allowed_hosts=hosts,
+            poll_interval=poll,
+            lease_margin=margin,
+            max_in_flight=in_flight,
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -131,7 +131,12 @@ class BearerKeyAuth:
 
 
 def build_http_app(
-    app: App, *, host: str = "127.0.0.1", port: int = 8000, allowed_hosts: Sequence[str] = ()
+    app: App,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    allowed_hosts: Sequence[str] = (),
+    dispatcher: bool = True,
 ) -> Starlette:
     """The ASGI app of `serve --transport http`."""
     mcp = build_mcp_server(app)
@@ -150,7 +155,7 @@ def build_http_app(
 
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
-        async with app.lifespan(), mcp.session_manager.run():
+        async with app.lifespan(dispatcher=dispatcher), mcp.session_manager.run():
             log.info("ready")
             yield {}
 

@@ -12,9 +12,11 @@ The service checks scopes again: it is the authority, the middleware makes the s
 from __future__ import annotations
 
 import contextvars
+import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
+import anyio
 import anyio.to_thread
 from mcp import MCPError
 from mcp.server import MCPServer
@@ -32,11 +34,14 @@ from justscan_mcp.models import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     URL_MAX_LENGTH,
+    DeliveryPage,
     EventName,
     Principal,
+    TestOutcome,
     WebhookCreated,
     WebhookPage,
 )
+from justscan_mcp.retry import DeliveryState
 from justscan_mcp.service import READ, WRITE
 
 T = TypeVar("T")
@@ -45,6 +50,8 @@ TOOL_SCOPES: dict[str, str] = {
     "create_webhook": WRITE,
     "list_webhooks": READ,
     "delete_webhook": WRITE,
+    "test_webhook": WRITE,
+    "list_deliveries": READ,
 }
 """The scope each tool needs; a tool missing here is refused to everyone (fail closed)."""
 
@@ -60,8 +67,10 @@ INSTRUCTIONS = """\
 Manage Just Scan It webhooks for the team your API key belongs to. A webhook is an https URL that
 receives signed POST requests when QR-code events happen (scan, first_scan, form_submit,
 file_download). Use list_webhooks to see existing webhooks and their ids, create_webhook to add one
-(its signing secret is shown only in that result: tell the user to store it), and delete_webhook to
-remove one. Errors say which argument to change."""
+(its signing secret is shown only in that result: tell the user to store it), delete_webhook to
+remove one, test_webhook to send a signed test delivery and see the receiver's answer, and
+list_deliveries to read a webhook's delivery log (states, attempts, response codes, retries).
+Errors say which argument to change."""
 
 
 class WebhookDeleted(BaseModel):
@@ -246,5 +255,60 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
         """Delete one of your team's webhooks permanently; it stops receiving events at once."""
         await _call(service.delete_webhook, principal=current_principal(), webhook_id=webhook_id)
         return WebhookDeleted(deleted=True, webhook_id=webhook_id)
+
+    @server.tool(
+        title="Send test delivery",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+        ),
+    )
+    async def test_webhook(webhook_id: WebhookId) -> TestOutcome:
+        """Send one signed `test` event to the webhook's URL and return what the receiver did.
+
+        Works whatever events the webhook subscribes to. The result has the delivery's state
+        (succeeded or failed; pending if no dispatcher took it in time), the HTTP status code,
+        the duration, the start of the response body and any error. It is logged like any
+        delivery and is not retried.
+        """
+        principal = current_principal()
+        delivery_id = await _call(service.send_test, principal=principal, webhook_id=webhook_id)
+        deadline = time.monotonic() + app.settings.delivery_timeout + 5
+        while True:
+            outcome = await _call(service.test_outcome, principal=principal, delivery_id=delivery_id)
+            if outcome.state in ("succeeded", "failed") or time.monotonic() > deadline:
+                return outcome
+            await anyio.sleep(0.02)
+
+    @server.tool(
+        title="List deliveries",
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    async def list_deliveries(
+        webhook_id: WebhookId,
+        state: Annotated[
+            DeliveryState | None,
+            Field(description="Only deliveries in this state: pending, retrying, succeeded or failed."),
+        ] = None,
+        cursor: Annotated[
+            str | None,
+            Field(max_length=512, description="next_cursor from the previous page; omit for the first page."),
+        ] = None,
+        limit: Annotated[
+            int, Field(ge=1, le=LIST_LIMIT_MAX, description="Deliveries per page, 1 to 100.")
+        ] = LIST_LIMIT_DEFAULT,
+    ) -> DeliveryPage:
+        """A webhook's delivery log, newest first: each delivery's event, state and next retry
+        time, and every attempt with its time, duration, HTTP status code, response body (cut at
+        16 KiB) and error. Failed deliveries are retried after 1, 5 and 30 minutes."""
+        return await _call(
+            service.list_deliveries,
+            principal=current_principal(),
+            webhook_id=webhook_id,
+            state=state,
+            cursor=cursor,
+            limit=limit,
+        )
 
     return server

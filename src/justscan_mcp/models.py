@@ -11,7 +11,20 @@ from datetime import UTC, datetime
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
-from sqlalchemy import JSON, BigInteger, Column, DateTime, ForeignKey, Index, Integer, String, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
 
@@ -105,6 +118,84 @@ class Webhook(SQLModel, table=True):
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
 
+class Event(SQLModel, table=True):
+    """A recorded event. `payload` is the exact envelope that is signed and sent, stored once."""
+
+    __tablename__ = "events"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
+    team_id: int = Field(sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False))
+    name: str = Field(sa_column=Column(String(32), nullable=False))
+    payload: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class FirstScan(SQLModel, table=True):
+    """One row per (team, QR code): its primary key is what makes first_scan happen exactly once."""
+
+    __tablename__ = "first_scans"
+
+    team_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    )
+    qr_code_id: int = Field(sa_column=Column(BigInteger, primary_key=True))
+    event_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("events.id", ondelete="CASCADE"), nullable=False)
+    )
+
+
+class Delivery(SQLModel, table=True):
+    """One event to one webhook. Claimed by a dispatcher with a lease while an attempt runs."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        # The claim scans due work; the log walks one webhook's deliveries newest first.
+        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        Index("ix_deliveries_webhook_id_id", "webhook_id", "id"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
+    team_id: int = Field(sa_column=Column(IdType, nullable=False))
+    webhook_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("webhooks.id", ondelete="CASCADE"), nullable=False)
+    )
+    event_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("events.id", ondelete="CASCADE"), nullable=False)
+    )
+    event: str = Field(sa_column=Column(String(32), nullable=False))
+    state: str = Field(sa_column=Column(String(16), nullable=False))
+    is_test: bool = Field(default=False, sa_column=Column(Boolean, nullable=False, default=False))
+    attempt_count: int = Field(default=0, sa_column=Column(Integer, nullable=False, default=0))
+    next_attempt_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    lease_owner: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    lease_expires_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class DeliveryAttempt(SQLModel, table=True):
+    __tablename__ = "delivery_attempts"
+    __table_args__ = (
+        UniqueConstraint("delivery_id", "number", name="uq_delivery_attempts_number"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
+    delivery_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("deliveries.id", ondelete="CASCADE"), nullable=False)
+    )
+    number: int = Field(sa_column=Column(Integer, nullable=False))
+    worker: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    duration_ms: int = Field(sa_column=Column(Integer, nullable=False))
+    status_code: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    response_body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
+    next_retry_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
 class InstanceSecret(SQLModel, table=True):
     """Secrets shared by every process on one database (e.g. the cursor signing key)."""
 
@@ -170,6 +261,47 @@ class WebhookCreated(WebhookPublic):
 class WebhookPage(BaseModel):
     webhooks: list[WebhookPublic]
     next_cursor: str | None
+
+
+class AttemptPublic(_Public):
+    number: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    response_body: str | None
+    error: str | None
+    next_retry_at: datetime | None
+
+
+class DeliveryPublic(_Public):
+    id: int
+    webhook_id: int
+    event_id: int
+    event: str
+    state: str
+    is_test: bool
+    created_at: datetime
+    next_attempt_at: datetime | None
+    attempts: list[AttemptPublic]
+
+
+class DeliveryPage(BaseModel):
+    deliveries: list[DeliveryPublic]
+    next_cursor: str | None
+
+
+class EmitResult(BaseModel):
+    event_id: int
+    deliveries: list[int]
+
+
+class TestOutcome(BaseModel):
+    delivery_id: int
+    state: str
+    status_code: int | None
+    duration_ms: int | None
+    response_body: str | None
+    error: str | None
 
 
 class Principal(BaseModel):

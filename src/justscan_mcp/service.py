@@ -13,6 +13,7 @@ from typing import Any
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
+from justscan_mcp.events import TestData, envelope, validate_emit
 from justscan_mcp.models import (
     DEFAULT_KEY_SCOPES,
     DESCRIPTION_MAX_LENGTH,
@@ -24,14 +25,22 @@ from justscan_mcp.models import (
     ApiKey,
     ApiKeyCreated,
     ApiKeyPublic,
+    AttemptPublic,
+    Delivery,
+    DeliveryAttempt,
+    DeliveryPage,
+    DeliveryPublic,
+    EmitResult,
     Principal,
     TeamPublic,
+    TestOutcome,
     Webhook,
     WebhookCreated,
     WebhookPage,
     WebhookPublic,
     utcnow,
 )
+from justscan_mcp.retry import DELIVERY_STATES
 from justscan_mcp.security import (
     CursorCodec,
     api_key_prefix,
@@ -130,6 +139,8 @@ class Service:
         self.resolver = resolver
         self.clock = clock
         self._cursors: CursorCodec | None = None
+        # Set by the app to the local dispatcher's wake(): a recorded event is sent at once.
+        self.on_recorded: Callable[[], None] = lambda: None
 
     @property
     def cursors(self) -> CursorCodec:
@@ -377,3 +388,145 @@ class Service:
             "webhook_id",
             f"webhook {webhook_id} does not exist in this team; list_webhooks shows the valid ids",
         )
+
+    # --- events -----------------------------------------------------------------------------
+
+    def emit_event(self, *, team_id: Any, event: Any, data: Any) -> EmitResult:
+        """Record an event for a team and fan it out to its subscribed, active webhooks.
+
+        The first `scan` of a QR code in a team also produces a `first_scan`; its deliveries are
+        in the result too.
+
+        Raises:
+            InvalidInput: (event, data, data.<field>) for an unknown or internal event name, data
+                that is not an object, or a missing, mistyped or unknown field.
+            NotFound: (team) for a team that does not exist.
+        """
+        model = validate_emit(event, data)
+        tid = self._require_team(team_id)
+        now = self.clock()
+        first = None
+        if event == "scan":
+            first = (int(model.qr_code_id), envelope("first_scan", model, now))  # type: ignore[attr-defined]
+        event_id, deliveries = self.store.record_event(
+            team_id=tid, event=event, payload=envelope(event, model, now), now=now, first_scan=first
+        )
+        if deliveries:
+            self.on_recorded()
+        return EmitResult(event_id=event_id, deliveries=deliveries)
+
+    def emit_event_as(self, *, principal: Principal, event: Any, data: Any) -> EmitResult:
+        """`emit_event` for the caller's own team. Raises: MissingScope (events:write) and as emit_event."""
+        self.require_scope(principal, "events:write", "emitting events")
+        return self.emit_event(team_id=principal.team_id, event=event, data=data)
+
+    # --- deliveries -------------------------------------------------------------------------
+
+    def send_test(self, *, principal: Principal, webhook_id: int) -> int:
+        """Queue one signed `test` delivery to the webhook (whatever it subscribes to); one attempt.
+
+        Raises:
+            MissingScope, InvalidInput, NotFound.
+        """
+        self.require_scope(principal, WRITE, "test_webhook")
+        webhook = self._own_webhook(principal, webhook_id)
+        assert webhook.id is not None
+        payload = envelope("test", TestData(test=True, webhook_id=webhook.id), self.clock())
+        delivery_id = self.store.record_test_delivery(webhook=webhook, payload=payload, now=self.clock())
+        self.on_recorded()
+        return delivery_id
+
+    def test_outcome(self, *, principal: Principal, delivery_id: int) -> TestOutcome:
+        """Where a test delivery stands; `state` stays pending until its attempt is logged.
+
+        Raises:
+            NotFound: (delivery_id) for an unknown or foreign delivery.
+        """
+        found = self.store.get_delivery(team_id=principal.team_id, delivery_id=delivery_id)
+        if found is None:
+            raise NotFound("delivery_id", f"delivery {delivery_id} does not exist in this team")
+        delivery, attempts = found
+        last = attempts[-1] if attempts else None
+        return TestOutcome(
+            delivery_id=delivery_id,
+            state=delivery.state,
+            status_code=last.status_code if last else None,
+            duration_ms=last.duration_ms if last else None,
+            response_body=last.response_body if last else None,
+            error=last.error if last else None,
+        )
+
+    def list_deliveries(
+        self,
+        *,
+        principal: Principal,
+        webhook_id: int,
+        cursor: str | None = None,
+        limit: int = LIST_LIMIT_DEFAULT,
+        state: str | None = None,
+    ) -> DeliveryPage:
+        """One page of a webhook's delivery log, newest first, each with its attempts.
+
+        Raises:
+            MissingScope, InvalidInput (webhook_id, limit, cursor, state), NotFound.
+        """
+        self.require_scope(principal, READ, "list_deliveries")
+        webhook = self._own_webhook(principal, webhook_id)
+        assert webhook.id is not None
+        return self._delivery_page(
+            team_id=principal.team_id, webhook_id=webhook.id, cursor=cursor, limit=limit, state=state
+        )
+
+    def delivery_log(
+        self, *, webhook_id: int, limit: int = LIST_LIMIT_MAX, state: str | None = None
+    ) -> DeliveryPage:
+        """Operator view of a webhook's log (the CLI): no key, any team.
+
+        Raises:
+            InvalidInput, NotFound.
+        """
+        wid = _positive_id("webhook_id", webhook_id)
+        webhook = self.store.get_webhook_by_id(wid)
+        if webhook is None:
+            raise self._not_found(wid)
+        return self._delivery_page(
+            team_id=webhook.team_id, webhook_id=wid, cursor=None, limit=limit, state=state
+        )
+
+    def _delivery_page(
+        self, *, team_id: int, webhook_id: int, cursor: str | None, limit: int, state: str | None
+    ) -> DeliveryPage:
+        limit = validate_limit(limit)
+        if state is not None and state not in DELIVERY_STATES:
+            raise InvalidInput("state", f"{state!r} is not a state; choose from {', '.join(DELIVERY_STATES)}")
+        now = self.clock()
+        before = None
+        kind = f"deliveries:{webhook_id}"
+        if cursor is not None:
+            if not isinstance(cursor, str) or not cursor:
+                raise InvalidInput("cursor", "must be next_cursor from a previous page, or omitted")
+            before = self.cursors.decode(cursor, kind=kind, team_id=team_id, now=now)
+        rows = self.store.list_deliveries(
+            webhook_id=webhook_id, before_id=before, limit=limit + 1, state=state
+        )
+        page = rows[:limit]
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1][0].id
+            assert last is not None
+            next_cursor = self.cursors.encode(kind=kind, team_id=team_id, after_id=last, now=now)
+        return DeliveryPage(deliveries=[_delivery_public(d, a) for d, a in page], next_cursor=next_cursor)
+
+
+def _delivery_public(d: Delivery, attempts: list[DeliveryAttempt]) -> DeliveryPublic:
+    return DeliveryPublic(
+        id=d.id or 0,
+        webhook_id=d.webhook_id,
+        event_id=d.event_id,
+        event=d.event,
+        state=d.state,
+        is_test=d.is_test,
+        created_at=d.created_at,
+        next_attempt_at=d.next_attempt_at if d.state in ("pending", "retrying") else None,
+        attempts=[AttemptPublic.model_validate(a) for a in attempts],
+    )

@@ -7,21 +7,32 @@ async front ends call the service through a worker thread so the event loop neve
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, update
+from sqlalchemy import Engine, create_engine, delete, event, func, or_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlmodel import Session, SQLModel, col, select
 
 from justscan_mcp.errors import Conflict, StoreUnavailable
-from justscan_mcp.models import ApiKey, InstanceSecret, Team, Webhook
+from justscan_mcp.models import (
+    ApiKey,
+    Delivery,
+    DeliveryAttempt,
+    Event,
+    FirstScan,
+    InstanceSecret,
+    Team,
+    Webhook,
+)
 from justscan_mcp.security import generate_instance_key
 
 log = logging.getLogger(__name__)
@@ -44,7 +55,20 @@ def redact_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+# Set by `Store.session(write=True)`: on SQLite such a transaction starts with BEGIN IMMEDIATE.
+# A deferred transaction that reads and then writes can fail at once with SQLITE_BUSY_SNAPSHOT
+# (WAL) when another writer committed in between; IMMEDIATE takes the write lock up front and
+# waits for it (busy_timeout) instead.
+_sqlite_begin: contextvars.ContextVar[str] = contextvars.ContextVar("sqlite_begin", default="BEGIN")
+
+
+def _sqlite_begin_listener(conn: Any) -> None:
+    conn.exec_driver_sql(_sqlite_begin.get())
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's own would always be DEFERRED).
+    dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
     # WAL lets readers run beside the one writer; busy_timeout makes writers queue instead of failing.
     cur.execute("PRAGMA journal_mode=WAL")
@@ -63,6 +87,7 @@ def create_db_engine(url: str) -> Engine:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_listener)
         return engine
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
 
@@ -87,18 +112,22 @@ class Store:
     # --- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        """A session whose commit happens on clean exit.
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A session whose commit happens on clean exit. `write=True` for a transaction that
+        reads and then writes (SQLite takes the write lock at BEGIN).
 
         Raises:
             StoreUnavailable: when the database cannot be reached.
         """
+        mode = _sqlite_begin.set("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             with Session(self.engine, expire_on_commit=False) as session:
                 yield session
                 session.commit()
         except (OperationalError, SAInterfaceError) as exc:
             raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        finally:
+            _sqlite_begin.reset(mode)
 
     def create_schema(self) -> None:
         """Create missing tables (idempotent)."""
@@ -177,7 +206,7 @@ class Store:
             return s.exec(select(ApiKey).where(ApiKey.team_id == team_id).order_by(col(ApiKey.id))).all()
 
     def update_api_key(self, key_id: int, **values: Any) -> ApiKey | None:
-        with self.session() as s:
+        with self.session(write=True) as s:
             key = s.get(ApiKey, key_id)
             if key is None:
                 return None
@@ -230,3 +259,261 @@ class Store:
                 delete(Webhook).where(col(Webhook.id) == webhook_id).where(col(Webhook.team_id) == team_id)
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    # --- events and deliveries ----------------------------------------------------------------
+
+    def record_event(
+        self,
+        *,
+        team_id: int,
+        event: str,
+        payload: bytes,
+        now: datetime,
+        first_scan: tuple[int, bytes] | None = None,
+    ) -> tuple[int, list[int]]:
+        """Record an event and fan it out, in one transaction (the outbox): one pending delivery
+        per active webhook of the team subscribed to it. With `first_scan=(qr_code_id, payload)`
+        the first scan of that QR code also records a first_scan event; the primary key of
+        `first_scans` decides which scan is first, also under concurrent scans.
+
+        Returns the event id and the ids of every delivery created (first_scan ones included).
+        """
+        with self.session(write=True) as s:
+            hooks = s.exec(select(Webhook).where(Webhook.team_id == team_id).where(col(Webhook.active))).all()
+            scan = self._add_event(s, team_id, event, payload, now)
+            deliveries = self._fan_out(s, hooks, scan, now)
+            if first_scan is not None:
+                qr_code_id, first_payload = first_scan
+                if self._claim_first_scan(s, team_id=team_id, qr_code_id=qr_code_id, event_id=scan.id):
+                    first = self._add_event(s, team_id, "first_scan", first_payload, now)
+                    deliveries += self._fan_out(s, hooks, first, now)
+            s.flush()
+            assert scan.id is not None
+            return scan.id, [d.id for d in deliveries if d.id is not None]
+
+    @staticmethod
+    def _add_event(s: Session, team_id: int, name: str, payload: bytes, now: datetime) -> Event:
+        row = Event(team_id=team_id, name=name, payload=payload.decode("utf-8"), created_at=now)
+        s.add(row)
+        s.flush()
+        return row
+
+    @staticmethod
+    def _fan_out(
+        s: Session, hooks: Sequence[Webhook], ev: Event, now: datetime, *, is_test: bool = False
+    ) -> list[Delivery]:
+        assert ev.id is not None
+        rows = [
+            Delivery(
+                team_id=ev.team_id,
+                webhook_id=h.id,
+                event_id=ev.id,
+                event=ev.name,
+                state="pending",
+                is_test=is_test,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            for h in hooks
+            if h.id is not None and (is_test or ev.name in h.events)
+        ]
+        s.add_all(rows)
+        s.flush()
+        return rows
+
+    def _claim_first_scan(self, s: Session, *, team_id: int, qr_code_id: int, event_id: int | None) -> bool:
+        values = {"team_id": team_id, "qr_code_id": qr_code_id, "event_id": event_id}
+        if self.backend == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt: Any = pg_insert(FirstScan).values(**values).on_conflict_do_nothing()
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(FirstScan).values(**values).on_conflict_do_nothing()
+        result = s.execute(stmt.returning(col(FirstScan.qr_code_id)))
+        return result.first() is not None
+
+    def record_test_delivery(self, *, webhook: Webhook, payload: bytes, now: datetime) -> int:
+        """A `test` event for one webhook and its single-attempt delivery, in one transaction."""
+        with self.session(write=True) as s:
+            ev = self._add_event(s, webhook.team_id, "test", payload, now)
+            (delivery,) = self._fan_out(s, [webhook], ev, now, is_test=True)
+            assert delivery.id is not None
+            return delivery.id
+
+    def claim_due(self, *, worker: str, now: datetime, lease_until: datetime, limit: int) -> list[Claimed]:
+        """Lease up to `limit` due deliveries to `worker`, atomically.
+
+        Due: pending or retrying, next attempt time reached, and no live lease (an expired lease
+        is how a crashed process's work comes back). PostgreSQL locks the rows it picks with
+        FOR UPDATE SKIP LOCKED so concurrent claimers take disjoint sets without waiting; SQLite
+        runs the whole UPDATE under its single write lock.
+        """
+        due = (
+            select(Delivery.id)
+            .where(col(Delivery.state).in_(("pending", "retrying")))
+            .where(col(Delivery.next_attempt_at) <= now)
+            .where(or_(col(Delivery.lease_expires_at).is_(None), col(Delivery.lease_expires_at) < now))
+            .order_by(col(Delivery.next_attempt_at), col(Delivery.id))
+            .limit(limit)
+        )
+        if self.backend == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        with self.session() as s:
+            ids = list(
+                s.execute(
+                    update(Delivery)
+                    .where(col(Delivery.id).in_(due.scalar_subquery()))
+                    .values(lease_owner=worker, lease_expires_at=lease_until)
+                    .returning(col(Delivery.id))
+                )
+                .scalars()
+                .all()
+            )
+            if not ids:
+                return []
+            rows = s.execute(
+                select(Delivery, Webhook.url, Webhook.secret, Event.payload)
+                .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
+                .join(Event, col(Event.id) == col(Delivery.event_id))
+                .where(col(Delivery.id).in_(ids))
+                .order_by(col(Delivery.id))
+            ).all()
+            return [
+                Claimed(
+                    delivery_id=d.id,
+                    webhook_id=d.webhook_id,
+                    event=d.event,
+                    is_test=d.is_test,
+                    attempt_number=d.attempt_count + 1,
+                    url=url,
+                    secret=secret,
+                    payload=payload.encode("utf-8"),
+                )
+                for d, url, secret, payload in rows
+            ]
+
+    def complete(self, *, worker: str, results: Sequence[AttemptResult], now: datetime) -> list[int]:
+        """Log attempts and move their deliveries on, in one transaction.
+
+        A result is applied only while `worker` still holds the delivery's lease (compare and
+        set on the owner): a process whose lease was taken over never overwrites the new owner.
+        Returns the ids whose results were applied.
+        """
+        applied: list[int] = []
+        with self.session(write=True) as s:
+            for r in results:
+                changed = s.execute(
+                    update(Delivery)
+                    .where(col(Delivery.id) == r.delivery_id)
+                    .where(col(Delivery.lease_owner) == worker)
+                    .values(
+                        state=r.state,
+                        attempt_count=r.number,
+                        next_attempt_at=r.next_attempt_at,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                )
+                if not changed.rowcount:  # type: ignore[attr-defined]
+                    log.warning("delivery %s: lease lost before its result was saved", r.delivery_id)
+                    continue
+                s.add(
+                    DeliveryAttempt(
+                        delivery_id=r.delivery_id,
+                        number=r.number,
+                        worker=worker,
+                        started_at=r.started_at,
+                        duration_ms=r.duration_ms,
+                        status_code=r.status_code,
+                        response_body=r.response_body,
+                        error=r.error,
+                        next_retry_at=r.next_attempt_at,
+                    )
+                )
+                applied.append(r.delivery_id)
+        return applied
+
+    def release(self, *, worker: str, delivery_ids: Sequence[int]) -> None:
+        """Give leases back without an attempt (graceful stop before a send began)."""
+        if not delivery_ids:
+            return
+        with self.session() as s:
+            s.execute(
+                update(Delivery)
+                .where(col(Delivery.id).in_(list(delivery_ids)))
+                .where(col(Delivery.lease_owner) == worker)
+                .values(lease_owner=None, lease_expires_at=None)
+            )
+
+    def get_delivery(
+        self, *, team_id: int, delivery_id: int
+    ) -> tuple[Delivery, list[DeliveryAttempt]] | None:
+        with self.session() as s:
+            d = s.exec(
+                select(Delivery).where(Delivery.id == delivery_id).where(Delivery.team_id == team_id)
+            ).first()
+            if d is None:
+                return None
+            attempts = s.exec(
+                select(DeliveryAttempt)
+                .where(DeliveryAttempt.delivery_id == delivery_id)
+                .order_by(col(DeliveryAttempt.number))
+            ).all()
+            return d, list(attempts)
+
+    def list_deliveries(
+        self, *, webhook_id: int, before_id: int | None, limit: int, state: str | None = None
+    ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
+        """A webhook's deliveries, newest first (keyset on id), each with its attempts."""
+        with self.session() as s:
+            q = select(Delivery).where(Delivery.webhook_id == webhook_id)
+            if before_id is not None:
+                q = q.where(col(Delivery.id) < before_id)
+            if state is not None:
+                q = q.where(Delivery.state == state)
+            rows = s.exec(q.order_by(col(Delivery.id).desc()).limit(limit)).all()
+            by_delivery: dict[int, list[DeliveryAttempt]] = {d.id: [] for d in rows if d.id is not None}
+            if by_delivery:
+                for a in s.exec(
+                    select(DeliveryAttempt)
+                    .where(col(DeliveryAttempt.delivery_id).in_(list(by_delivery)))
+                    .order_by(col(DeliveryAttempt.delivery_id), col(DeliveryAttempt.number))
+                ).all():
+                    by_delivery[a.delivery_id].append(a)
+            return [(d, by_delivery[d.id]) for d in rows if d.id is not None]
+
+    def get_webhook_by_id(self, webhook_id: int) -> Webhook | None:
+        """Operator access (CLI), not scoped to a team."""
+        with self.session() as s:
+            return s.get(Webhook, webhook_id)
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """A leased delivery with everything needed to send it."""
+
+    delivery_id: int
+    webhook_id: int
+    event: str
+    is_test: bool
+    attempt_number: int
+    url: str
+    secret: str
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class AttemptResult:
+    delivery_id: int
+    number: int
+    started_at: datetime
+    duration_ms: int
+    status_code: int | None
+    response_body: str | None
+    error: str | None
+    state: str
+    next_attempt_at: datetime | None

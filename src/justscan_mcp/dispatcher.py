@@ -1,0 +1,254 @@
+"""The dispatcher: claims due deliveries with a lease, sends them, records every attempt.
+
+Shape of one process's dispatcher:
+- an APScheduler `AsyncIOScheduler` is the clock: a poll tick (`JUSTSCAN_POLL_INTERVAL`, for work
+  recorded by other processes and for expired leases) and a one-shot job at each retry time this
+  process scheduled;
+- `wake()` (thread-safe) starts a claim at once, which is how an event recorded in this process
+  is on its way within milliseconds;
+- the pump claims at most as many deliveries as there are free in-flight slots
+  (`JUSTSCAN_MAX_IN_FLIGHT`), so the database lease always covers work that is really running;
+- sends run as tasks on the event loop (aiohttp; never blocking the MCP server's loop); the
+  database calls run in worker threads;
+- one writer batches finished attempts into a single transaction.
+
+Leases last the delivery timeout plus a margin, so a process that dies delays its deliveries by
+at most that long; then any process claims them again. Delivery is at least once: a process that
+dies after a receiver answered but before the attempt was saved leads to one more attempt, with
+the same X-Webhook-Delivery / webhook-id, which receivers use to deduplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any
+
+import anyio.to_thread
+
+from justscan_mcp.config import Settings
+from justscan_mcp.errors import StoreUnavailable
+from justscan_mcp.models import utcnow
+from justscan_mcp.retry import after_attempt
+from justscan_mcp.sender import Sender, delivery_headers
+from justscan_mcp.store import AttemptResult, Claimed, Store
+
+log = logging.getLogger("justscan_mcp.dispatcher")
+
+WRITE_BATCH = 500
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        worker_id: str | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.worker_id = worker_id or new_worker_id()
+        self.clock = clock
+        self.sender = Sender(
+            timeout=settings.delivery_timeout,
+            allow_private=settings.allow_private_targets,
+            max_connections=settings.max_in_flight,
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._backlog = False
+        self._scheduler: Any = None
+        self.sent = 0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        self._loop = asyncio.get_running_loop()
+        await self.sender.start()
+        scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
+        scheduler.add_job(
+            self._tick,
+            "interval",
+            seconds=self.settings.poll_interval,
+            id="poll",
+            coalesce=True,
+            max_instances=1,
+        )
+        scheduler.start()
+        self._scheduler = scheduler
+        self._tasks = [
+            asyncio.create_task(self._pump(), name="justscan-pump"),
+            asyncio.create_task(self._writer(), name="justscan-writer"),
+        ]
+        log.info("dispatcher %s started (max %d in flight)", self.worker_id, self.settings.max_in_flight)
+        self.wake()
+
+    async def stop(self) -> None:
+        """Graceful stop: claim nothing more, let in-flight sends finish (each is bounded by the
+        delivery timeout), save their attempts, then close."""
+        self._stopping = True
+        self._wake.set()
+        pump, writer = self._tasks
+        await pump
+        if self._inflight:
+            log.info("dispatcher %s: waiting for %d in-flight sends", self.worker_id, len(self._inflight))
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+        await self._results.put(None)
+        await writer
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        await self.sender.close()
+        log.info("dispatcher %s stopped", self.worker_id)
+
+    def wake(self) -> None:
+        """Look for due work now. Safe to call from any thread."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._wake.set()
+        else:
+            loop.call_soon_threadsafe(self._wake.set)
+
+    async def _tick(self) -> None:
+        self._wake.set()
+
+    def _wake_at(self, when: datetime) -> None:
+        if self._scheduler is not None and not self._stopping:
+            self._scheduler.add_job(self._tick, "date", run_date=when, misfire_grace_time=None)
+
+    # --- the pump ---------------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        delay = 0.5
+        while not self._stopping:
+            self._wake.clear()
+            free = self.settings.max_in_flight - len(self._inflight)
+            if free > 0:
+                now = self.clock()
+                until = now + timedelta(seconds=self.settings.lease_seconds)
+                try:
+                    claimed = await anyio.to_thread.run_sync(
+                        partial(
+                            self.store.claim_due,
+                            worker=self.worker_id,
+                            now=now,
+                            lease_until=until,
+                            limit=free,
+                        )
+                    )
+                    delay = 0.5
+                except StoreUnavailable as exc:
+                    log.warning("claim failed (%s); retrying in %.1fs", exc.message.splitlines()[0], delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                for job in claimed:
+                    task = asyncio.create_task(self._deliver(job))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
+                self._backlog = len(claimed) == free
+                if self._backlog:
+                    continue
+            await self._wake.wait()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if self._backlog and not self._stopping:
+            self._wake.set()
+
+    async def _deliver(self, job: Claimed) -> None:
+        started = self.clock()
+        stamp = int(time.time())
+        headers = delivery_headers(
+            secrets=[job.secret],
+            delivery_id=job.delivery_id,
+            event=job.event,
+            body=job.payload,
+            timestamp=stamp,
+        )
+        outcome = await self.sender.post(job.url, job.payload, headers)
+        state = after_attempt(
+            attempt_number=job.attempt_number,
+            succeeded=outcome.succeeded,
+            schedule=self.settings.retry_schedule,
+            now=self.clock(),
+            single_attempt=job.is_test,
+        )
+        self.sent += 1
+        await self._results.put(
+            AttemptResult(
+                delivery_id=job.delivery_id,
+                number=job.attempt_number,
+                started_at=started,
+                duration_ms=outcome.duration_ms,
+                status_code=outcome.status_code,
+                response_body=outcome.response_body,
+                error=outcome.error,
+                state=state.state,
+                next_attempt_at=state.next_attempt_at,
+            )
+        )
+
+    # --- the writer -------------------------------------------------------------------------
+
+    async def _writer(self) -> None:
+        closing = False
+        while not closing:
+            first = await self._results.get()
+            batch: list[AttemptResult] = []
+            if first is None:
+                closing = True
+            else:
+                batch.append(first)
+            while len(batch) < WRITE_BATCH and not self._results.empty():
+                item = self._results.get_nowait()
+                if item is None:
+                    closing = True
+                else:
+                    batch.append(item)
+            if batch:
+                await self._save(batch)
+
+    async def _save(self, batch: list[AttemptResult]) -> None:
+        delay = 0.2
+        while True:
+            try:
+                await anyio.to_thread.run_sync(
+                    lambda: self.store.complete(worker=self.worker_id, results=batch, now=self.clock())
+                )
+                break
+            except StoreUnavailable as exc:
+                # Keep the results: the leases are still ours for a while, and if this process dies
+                # they expire and the deliveries are attempted again (at least once).
+                log.warning(
+                    "saving %d attempts failed (%s); retrying in %.1fs", len(batch), exc.message, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        for r in batch:
+            if r.next_attempt_at is not None:
+                self._wake_at(r.next_attempt_at)

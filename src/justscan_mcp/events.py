@@ -1,0 +1,115 @@
+"""Event payloads: validation of each event's data, and the one serialisation that is signed.
+
+The envelope ``{"event", "timestamp", "data"}`` is serialised once, compactly (UTF-8, no ASCII
+escaping), when the event is recorded; those exact bytes are stored, signed and sent on every
+attempt. Fields ending in ``_id`` are required integers, ``fields`` is an object, every other
+field is an optional string; unknown fields are refused so that a typo does not vanish silently.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+
+from justscan_mcp.errors import InvalidInput
+
+EmittableEvent = Literal["scan", "form_submit", "file_download"]
+EMITTABLE: tuple[str, ...] = ("scan", "form_submit", "file_download")
+
+
+class _Data(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScanData(_Data):
+    qr_code_id: StrictInt
+    scan_id: StrictInt
+    device: StrictStr | None = None
+    country: StrictStr | None = None
+    resolved_url: StrictStr | None = None
+    referer: StrictStr | None = None
+    utm_source: StrictStr | None = None
+    utm_medium: StrictStr | None = None
+    utm_campaign: StrictStr | None = None
+    utm_term: StrictStr | None = None
+    utm_content: StrictStr | None = None
+
+
+class FormSubmitData(_Data):
+    landing_page_id: StrictInt
+    title: StrictStr | None = None
+    slug: StrictStr | None = None
+    recipient_email: StrictStr | None = None
+    fields: dict[str, Any]
+
+
+class FileDownloadData(_Data):
+    shared_file_id: StrictInt
+    qr_code_id: StrictInt
+    scan_id: StrictInt
+    slug: StrictStr | None = None
+    title: StrictStr | None = None
+    device: StrictStr | None = None
+    country: StrictStr | None = None
+    download_url: StrictStr | None = None
+
+
+class TestData(_Data):
+    test: StrictBool
+    webhook_id: StrictInt
+
+
+DATA_MODELS: dict[str, type[_Data]] = {
+    "scan": ScanData,
+    "first_scan": ScanData,
+    "form_submit": FormSubmitData,
+    "file_download": FileDownloadData,
+    "test": TestData,
+}
+
+
+def validate_emit(event: Any, data: Any) -> _Data:
+    """Check an event emitted from outside (CLI, REST, service callers).
+
+    Raises:
+        InvalidInput: (field ``event``) for an unknown name or one that is derived or internal
+            (first_scan, test); (field ``data`` or ``data.<name>``) for data that is not an object
+            or has a missing, mistyped or unknown field.
+    """
+    if event in ("first_scan", "test"):
+        raise InvalidInput(
+            "event",
+            f"{event!r} cannot be emitted by hand; it is produced by the service (choose from {', '.join(EMITTABLE)})",
+        )
+    if not isinstance(event, str) or event not in EMITTABLE:
+        raise InvalidInput("event", f"{event!r} is not an event; choose from {', '.join(EMITTABLE)}")
+    if not isinstance(data, dict):
+        raise InvalidInput("data", f"must be a JSON object, got {type(data).__name__}")
+    try:
+        return DATA_MODELS[event].model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        reason = {
+            "missing": "is required",
+            "extra_forbidden": "is not a field of this event",
+            "int_type": "must be an integer",
+            "string_type": "must be a string or null",
+            "dict_type": "must be an object",
+        }.get(first["type"], first["msg"])
+        raise InvalidInput(f"data.{where}", reason) from None
+
+
+def envelope(event: str, data: _Data, timestamp: datetime) -> bytes:
+    """The exact bytes sent and signed: compact JSON, UTF-8, keys in a stable order."""
+    if timestamp.tzinfo is None:
+        raise ValueError("timestamp must be timezone-aware")
+    doc = {
+        "event": event,
+        "timestamp": timestamp.isoformat(timespec="seconds"),
+        "data": data.model_dump(mode="json"),
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
