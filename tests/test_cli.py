@@ -191,3 +191,133 @@ async def test_newcomer_first_run_prints_a_working_key_and_snippets(tmp_path: Pa
     finally:
         second.terminate()
         second.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    "args,field,words",
+    [
+        (("emit", "scan", "--team", "1", "--data", "{not json"), "data", "not valid JSON"),
+        (("emit", "scan2", "--team", "1", "--data", "{}"), "event", "not an event"),
+        (
+            ("emit", "first_scan", "--team", "1", "--data", '{"qr_code_id": 1, "scan_id": 1}'),
+            "event",
+            "cannot be emitted",
+        ),
+        (("emit", "scan", "--team", "1", "--data", "[1]"), "data", "JSON object"),
+        (
+            ("emit", "scan", "--team", "1", "--data", '{"qr_code_id": "x", "scan_id": 1}'),
+            "data.qr_code_id",
+            "integer",
+        ),
+        (
+            ("emit", "scan", "--team", "999999999", "--data", '{"qr_code_id": 1, "scan_id": 1}'),
+            "team",
+            "does not exist",
+        ),
+        (("deliveries", "--webhook", "999999999"), "webhook_id", "does not exist"),
+        (("deliveries", "--webhook", "1", "--limit", "101"), "limit", "1 to 100"),
+    ],
+)
+def test_emit_and_deliveries_refusals(db_url: str, args, field: str, words: str):
+    proc = run(db_url, *args, "--json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    err = json.loads(proc.stderr)
+    assert err["field"] == field and words in err["error"], err
+
+
+@pytest.mark.anyio
+async def test_emit_from_the_cli_reaches_the_receiver_through_the_server_dispatcher(
+    db_url: str, tmp_path: Path, anyio_backend
+):
+    from tests.receiver import Receiver
+
+    team = ok_json(db_url, "team", "create", f"e2e-{os.getpid()}-{len(db_url)}")
+    key = ok_json(db_url, "key", "create", "--team", str(team["id"]))
+    port = free_port()
+    env = child_env(db_url, JUSTSCAN_ALLOW_PRIVATE_TARGETS="1", JUSTSCAN_POLL_INTERVAL="0.1")
+    log = tmp_path / "serve.log"
+    with Receiver() as receiver, log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, what="server")
+            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key['key']}"}, timeout=30)
+            async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
+                made = (
+                    await c.call_tool(
+                        "create_webhook", {"url": receiver.url("/e2e"), "events": ["scan", "first_scan"]}
+                    )
+                ).structured_content
+                receiver.secrets["/e2e"] = made["secret"]
+                emitted = ok_json(
+                    db_url,
+                    "emit",
+                    "scan",
+                    "--team",
+                    str(team["id"]),
+                    "--data",
+                    '{"qr_code_id": 5, "scan_id": 1, "country": "Ísland"}',
+                )
+                assert (
+                    set(emitted) == {"event_id", "deliveries"} and len(emitted["deliveries"]) == 2
+                )  # scan + first_scan
+                wait_for(lambda: len(receiver.at("/e2e")) == 2, what="both deliveries at the receiver")
+                assert all(r.verified for r in receiver.at("/e2e"))
+                assert sorted(r.headers["x-webhook-event"] for r in receiver.at("/e2e")) == [
+                    "first_scan",
+                    "scan",
+                ]
+                wait_for(
+                    lambda: all(
+                        d["state"] == "succeeded"
+                        for d in ok_json(db_url, "deliveries", "--webhook", str(made["id"]))["deliveries"]
+                    ),
+                    what="succeeded in the log",
+                )
+                log_doc = ok_json(db_url, "deliveries", "--webhook", str(made["id"]))
+                assert [d["id"] for d in log_doc["deliveries"]] == sorted(emitted["deliveries"], reverse=True)
+                assert all(d["attempts"][0]["status_code"] == 200 for d in log_doc["deliveries"])
+                human = run(db_url, "deliveries", "--webhook", str(made["id"]))
+                assert human.returncode == 0 and "succeeded" in human.stdout and "HTTP 200" in human.stdout
+                tested = (await c.call_tool("test_webhook", {"webhook_id": made["id"]})).structured_content
+                assert tested["state"] == "succeeded" and tested["status_code"] == 200
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+
+
+@pytest.mark.anyio
+async def test_stdio_server_embeds_the_dispatcher(db_url: str, anyio_backend):
+    from tests.receiver import Receiver
+
+    team = ok_json(db_url, "team", "create", f"stdio-disp-{os.getpid()}-{len(db_url)}")
+    key = ok_json(db_url, "key", "create", "--team", str(team["id"]))
+    env = child_env(db_url, JUSTSCAN_API_KEY=key["key"], JUSTSCAN_ALLOW_PRIVATE_TARGETS="1")
+    with Receiver() as receiver:
+        params = StdioServerParameters(command=sys.executable, args=["-m", "justscan_mcp", "serve"], env=env)
+        async with Client(params) as c:
+            made = (
+                await c.call_tool("create_webhook", {"url": receiver.url("/stdio"), "events": ["scan"]})
+            ).structured_content
+            receiver.secrets["/stdio"] = made["secret"]
+            out = (await c.call_tool("test_webhook", {"webhook_id": made["id"]})).structured_content
+            assert out["state"] == "succeeded" and receiver.at("/stdio")[0].verified
+        params = StdioServerParameters(
+            command=sys.executable, args=["-m", "justscan_mcp", "serve", "--no-dispatcher"], env=env
+        )
+        async with Client(params) as c:
+            emitted = ok_json(
+                db_url, "emit", "scan", "--team", str(team["id"]), "--data", '{"qr_code_id": 6, "scan_id": 2}'
+            )
+            assert len(emitted["deliveries"]) == 1
+            # --no-dispatcher: nothing in this process sends; the delivery waits for a dispatcher.
+            listed = (
+                await c.call_tool("list_deliveries", {"webhook_id": made["id"], "state": "pending"})
+            ).structured_content
+            assert [d["id"] for d in listed["deliveries"]] == emitted["deliveries"]
+        assert len(receiver.at("/stdio")) == 1

@@ -14,7 +14,18 @@ from mcp import Client, MCPError
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import PUBLIC_URL, HttpServer, TeamKit, child_env, free_port, make_team, wait_for
+from tests.conftest import (
+    ALL_TOOLS,
+    PUBLIC_URL,
+    READ_TOOLS,
+    WRITE_TOOLS,
+    HttpServer,
+    TeamKit,
+    child_env,
+    free_port,
+    make_team,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -111,7 +122,7 @@ async def test_streamable_http_tools_isolation_and_scopes(http_server: HttpServe
             assert foreign.is_error and "does not exist" in foreign.content[0].text
     ro = a.key(scopes=["webhooks:read"])
     async with http_client(http_server, ro.key) as c:
-        assert [t.name for t in (await c.list_tools()).tools] == ["list_webhooks"]
+        assert sorted(t.name for t in (await c.list_tools()).tools) == READ_TOOLS
         refused = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
         assert refused.is_error and "webhooks:write" in refused.content[0].text
     assert a.webhook_count() == 1 and b.webhook_count() == 1
@@ -122,7 +133,7 @@ async def test_revocation_takes_effect_on_the_next_http_call(http_server: HttpSe
     async with http_client(http_server, key.key) as c:
         assert (await c.call_tool("list_webhooks", {})).is_error is False
         kit.app.service.update_api_key(key_id=key.id, scopes=["webhooks:write"])
-        assert sorted(t.name for t in (await c.list_tools()).tools) == ["create_webhook", "delete_webhook"]
+        assert sorted(t.name for t in (await c.list_tools()).tools) == WRITE_TOOLS
         kit.app.service.revoke_api_key(key_id=key.id)
         before = refusals(http_server)
         # The SDK client reports any HTTP error status as a generic MCPError; the log shows it was a 401.
@@ -135,11 +146,7 @@ async def test_sse_transport_with_bearer_key(http_server: HttpServer, app):
     a, b = make_team(app, "sa"), make_team(app, "sb")
     theirs = b.app.service.create_webhook(principal=b.principal(), url=PUBLIC_URL, events=["scan"])
     async with sse(http_server, a.rw.key) as c:
-        assert sorted(t.name for t in (await c.list_tools()).tools) == [
-            "create_webhook",
-            "delete_webhook",
-            "list_webhooks",
-        ]
+        assert sorted(t.name for t in (await c.list_tools()).tools) == ALL_TOOLS
         made = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["file_download"]})
         assert made.is_error is False
         foreign = await c.call_tool("delete_webhook", {"webhook_id": theirs.id})
@@ -156,7 +163,7 @@ async def test_sse_transport_with_bearer_key(http_server: HttpServer, app):
             await c.list_tools()
     ro = a.key(scopes=["webhooks:read"])
     async with sse(http_server, ro.key) as c:
-        assert [t.name for t in (await c.list_tools()).tools] == ["list_webhooks"]
+        assert sorted(t.name for t in (await c.list_tools()).tools) == READ_TOOLS
     assert b.webhook_count() == 1 and a.webhook_count() == 0
 
 
@@ -254,7 +261,9 @@ def test_hosted_agent_example_runs_against_the_server(http_server: HttpServer, k
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "tools: create_webhook, list_webhooks, delete_webhook" in proc.stdout
+    assert (
+        "tools: create_webhook, list_webhooks, delete_webhook, test_webhook, list_deliveries" in proc.stdout
+    )
     assert "created webhook" in proc.stdout and "deleted webhook" in proc.stdout
     assert kit.webhook_count() == 0
 

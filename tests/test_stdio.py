@@ -8,7 +8,7 @@ import sys
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
-from tests.conftest import PUBLIC_URL, TeamKit, child_env, make_team
+from tests.conftest import ALL_TOOLS, PUBLIC_URL, READ_TOOLS, TeamKit, child_env, make_team
 
 pytestmark = pytest.mark.anyio
 
@@ -58,11 +58,7 @@ async def test_tools_over_stdio_with_isolation_and_live_revocation(db_url: str, 
     theirs = b.app.service.create_webhook(principal=b.principal(), url=PUBLIC_URL, events=["scan"])
     key = a.key()
     async with Client(params(db_url, key.key)) as c:
-        assert sorted(t.name for t in (await c.list_tools()).tools) == [
-            "create_webhook",
-            "delete_webhook",
-            "list_webhooks",
-        ]
+        assert sorted(t.name for t in (await c.list_tools()).tools) == ALL_TOOLS
         made = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["first_scan"]})
         assert made.is_error is False and made.structured_content["team_id"] == a.team.id
         listed = (await c.call_tool("list_webhooks", {})).structured_content["webhooks"]
@@ -80,7 +76,7 @@ async def test_tools_over_stdio_with_isolation_and_live_revocation(db_url: str, 
 async def test_read_only_key_over_stdio(db_url: str, kit: TeamKit):
     ro = kit.key(scopes=["webhooks:read"])
     async with Client(params(db_url, ro.key)) as c:
-        assert [t.name for t in (await c.list_tools()).tools] == ["list_webhooks"]
+        assert sorted(t.name for t in (await c.list_tools()).tools) == READ_TOOLS
         refused = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
         assert refused.is_error and "webhooks:write" in refused.content[0].text
     assert kit.webhook_count() == 0

@@ -471,6 +471,7 @@ class Service:
             MissingScope, InvalidInput (webhook_id, limit, cursor, state), NotFound.
         """
         self.require_scope(principal, READ, "list_deliveries")
+        _validate_log_query(limit, state)
         webhook = self._own_webhook(principal, webhook_id)
         assert webhook.id is not None
         return self._delivery_page(
@@ -486,9 +487,10 @@ class Service:
             InvalidInput, NotFound.
         """
         wid = _positive_id("webhook_id", webhook_id)
+        _validate_log_query(limit, state)
         webhook = self.store.get_webhook_by_id(wid)
         if webhook is None:
-            raise self._not_found(wid)
+            raise NotFound("webhook_id", f"webhook {wid} does not exist")
         return self._delivery_page(
             team_id=webhook.team_id, webhook_id=wid, cursor=None, limit=limit, state=state
         )
@@ -496,9 +498,7 @@ class Service:
     def _delivery_page(
         self, *, team_id: int, webhook_id: int, cursor: str | None, limit: int, state: str | None
     ) -> DeliveryPage:
-        limit = validate_limit(limit)
-        if state is not None and state not in DELIVERY_STATES:
-            raise InvalidInput("state", f"{state!r} is not a state; choose from {', '.join(DELIVERY_STATES)}")
+        _validate_log_query(limit, state)
         now = self.clock()
         before = None
         kind = f"deliveries:{webhook_id}"
@@ -516,6 +516,12 @@ class Service:
             assert last is not None
             next_cursor = self.cursors.encode(kind=kind, team_id=team_id, after_id=last, now=now)
         return DeliveryPage(deliveries=[_delivery_public(d, a) for d, a in page], next_cursor=next_cursor)
+
+
+def _validate_log_query(limit: Any, state: Any) -> None:
+    validate_limit(limit)
+    if state is not None and state not in DELIVERY_STATES:
+        raise InvalidInput("state", f"{state!r} is not a state; choose from {', '.join(DELIVERY_STATES)}")
 
 
 def _delivery_public(d: Delivery, attempts: list[DeliveryAttempt]) -> DeliveryPublic:

@@ -1,0 +1,174 @@
+"""test_webhook and list_deliveries through the in-memory MCP client, with a live dispatcher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from mcp import Client
+
+from justscan_mcp.app import App
+from justscan_mcp.mcp_server import build_mcp_server
+from tests.conftest import TeamKit, make_team
+from tests.receiver import Receiver, Reply
+from tests.test_delivery import fast_settings, until
+
+pytestmark = pytest.mark.anyio
+
+SPEC_DELIVERY_KEYS = {"id", "webhook_id", "event", "state", "created_at", "next_attempt_at", "attempts"}
+SPEC_ATTEMPT_KEYS = {"number", "started_at", "duration_ms", "status_code", "response_body", "error"}
+
+
+@pytest.fixture
+def receiver():
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture
+async def live(db_url: str):
+    app = App.build(fast_settings(db_url))
+    app.prepare()
+    async with app.lifespan(dispatcher=True):
+        await until(lambda: app.ready)
+        yield app
+
+
+def client(kit: TeamKit, key=None) -> Client:
+    return Client(build_mcp_server(kit.app, fixed_key_id=(key or kit.rw).id))
+
+
+def hook(kit: TeamKit, receiver: Receiver, path: str, events=("scan",)):
+    w = kit.app.service.create_webhook(principal=kit.principal(), url=receiver.url(path), events=list(events))
+    receiver.secrets[path] = w.secret
+    return w
+
+
+async def test_test_webhook_sends_a_signed_test_event_and_returns_the_outcome(live: App, receiver: Receiver):
+    kit = make_team(live, "mcp-test")
+    w = hook(kit, receiver, "/t", events=["form_submit"])  # test goes out whatever it subscribes to
+    receiver.expect("/t", Reply(202, body=b"accepted by receiver"))
+    async with client(kit) as c:
+        result = await c.call_tool("test_webhook", {"webhook_id": w.id})
+    assert result.is_error is False
+    out = result.structured_content
+    assert out["state"] == "succeeded" and out["status_code"] == 202
+    assert out["response_body"] == "accepted by receiver" and out["error"] is None and out["duration_ms"] >= 0
+    (got,) = receiver.at("/t")
+    assert got.verified
+    body = json.loads(got.body)
+    assert body["event"] == "test" and body["data"] == {"test": True, "webhook_id": w.id}
+    assert got.headers["x-webhook-event"] == "test"
+    assert got.headers["x-webhook-delivery"] == str(out["delivery_id"])
+
+
+async def test_failed_test_delivery_is_one_attempt_and_says_why(live: App, receiver: Receiver):
+    kit = make_team(live, "mcp-test-fail")
+    w = hook(kit, receiver, "/t500")
+    receiver.expect("/t500", *[Reply(500, body=b"nope")] * 3)
+    async with client(kit) as c:
+        out = (await c.call_tool("test_webhook", {"webhook_id": w.id})).structured_content
+        assert out["state"] == "failed" and out["status_code"] == 500 and "500" in out["error"]
+        log = (await c.call_tool("list_deliveries", {"webhook_id": w.id})).structured_content
+    (d,) = log["deliveries"]
+    assert d["event"] == "test" and len(d["attempts"]) == 1 and d["next_attempt_at"] is None
+    await until(lambda: True)
+    assert len(receiver.at("/t500")) == 1  # never retried
+
+
+async def test_list_deliveries_shape_paging_filter_and_isolation(live: App, receiver: Receiver):
+    kit = make_team(live, "mcp-log")
+    other = make_team(live, "mcp-log-other")
+    w = hook(kit, receiver, "/log")
+    theirs = hook(other, receiver, "/their-log")
+    receiver.expect("/log", Reply(500))  # the first delivery (oldest) needs a retry
+    for i in range(5):
+        live.service.emit_event(team_id=kit.team.id, event="scan", data={"qr_code_id": 50 + i, "scan_id": i})
+    await until(
+        lambda: (
+            all(
+                d.state == "succeeded"
+                for d in live.service.list_deliveries(principal=kit.principal(), webhook_id=w.id).deliveries
+            )
+            and len(receiver.at("/log")) == 6
+        )
+    )
+    async with client(kit) as c:
+        first = (await c.call_tool("list_deliveries", {"webhook_id": w.id, "limit": 2})).structured_content
+        assert set(first) == {"deliveries", "next_cursor"}
+        for d in first["deliveries"]:
+            assert set(d) >= SPEC_DELIVERY_KEYS
+            for a in d["attempts"]:
+                assert set(a) >= SPEC_ATTEMPT_KEYS
+        ids = [d["id"] for d in first["deliveries"]]
+        cursor = first["next_cursor"]
+        while cursor:
+            page = (
+                await c.call_tool("list_deliveries", {"webhook_id": w.id, "limit": 2, "cursor": cursor})
+            ).structured_content
+            ids += [d["id"] for d in page["deliveries"]]
+            cursor = page["next_cursor"]
+        assert ids == sorted(ids, reverse=True) and len(ids) == 5  # newest first, all of them
+        oldest = await c.call_tool(
+            "list_deliveries", {"webhook_id": w.id, "limit": 1, "cursor": first["next_cursor"]}
+        )
+        assert oldest.is_error is False
+        retried = [
+            d
+            for d in (
+                await c.call_tool("list_deliveries", {"webhook_id": w.id, "limit": 100})
+            ).structured_content["deliveries"]
+            if len(d["attempts"]) == 2
+        ]
+        assert len(retried) == 1 and [a["status_code"] for a in retried[0]["attempts"]] == [500, 200]
+        filtered = (
+            await c.call_tool("list_deliveries", {"webhook_id": w.id, "state": "failed"})
+        ).structured_content
+        assert filtered["deliveries"] == []
+        bad_state = await c.call_tool("list_deliveries", {"webhook_id": w.id, "state": "done"})
+        assert bad_state.is_error and "state" in bad_state.content[0].text
+        bad_limit = await c.call_tool("list_deliveries", {"webhook_id": w.id, "limit": 0})
+        assert bad_limit.is_error and "limit" in bad_limit.content[0].text
+        other_cursor = await c.call_tool(
+            "list_deliveries", {"webhook_id": theirs.id, "cursor": first["next_cursor"]}
+        )
+        foreign = await c.call_tool("list_deliveries", {"webhook_id": theirs.id})
+        missing = await c.call_tool("list_deliveries", {"webhook_id": 10**14})
+        assert foreign.is_error and missing.is_error and other_cursor.is_error
+        assert foreign.content[0].text.replace(str(theirs.id), "N") == missing.content[0].text.replace(
+            str(10**14), "N"
+        )
+        foreign_test = await c.call_tool("test_webhook", {"webhook_id": theirs.id})
+        assert foreign_test.is_error and "does not exist" in foreign_test.content[0].text
+    assert receiver.at("/their-log") == []
+
+
+async def test_scopes_gate_the_delivery_tools(live: App, receiver: Receiver):
+    kit = make_team(live, "mcp-scope")
+    w = hook(kit, receiver, "/scoped")
+    async with client(kit, kit.key(scopes=["webhooks:read"])) as c:
+        refused = await c.call_tool("test_webhook", {"webhook_id": w.id})
+        assert refused.is_error and "webhooks:write" in refused.content[0].text
+        assert (await c.call_tool("list_deliveries", {"webhook_id": w.id})).is_error is False
+    async with client(kit, kit.key(scopes=["webhooks:write"])) as c:
+        refused = await c.call_tool("list_deliveries", {"webhook_id": w.id})
+        assert refused.is_error and "webhooks:read" in refused.content[0].text
+    assert receiver.at("/scoped") == []
+
+
+async def test_delivery_tool_schemas_and_annotations(live: App):
+    kit = make_team(live, "mcp-schema")
+    async with client(kit) as c:
+        tools = {t.name: t for t in (await c.list_tools()).tools}
+    t, ld = tools["test_webhook"], tools["list_deliveries"]
+    assert t.annotations.open_world_hint is True and t.annotations.read_only_hint is False
+    assert ld.annotations.read_only_hint is True
+    assert t.output_schema["properties"].keys() >= {
+        "state",
+        "status_code",
+        "duration_ms",
+        "response_body",
+        "error",
+    }
+    assert ld.input_schema["properties"]["limit"]["maximum"] == 100
+    assert "secret" not in json.dumps(t.output_schema) + json.dumps(ld.output_schema)
