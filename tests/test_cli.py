@@ -98,6 +98,51 @@ def test_refusals_go_to_stderr_with_nonzero_exit(db_url: str, args, field: str, 
     assert err["field"] == field and words in err["error"]
 
 
+@pytest.mark.parametrize(
+    "url,events,description,field",
+    [
+        ("ftp://93.184.216.34/x", "scan", None, "url"),
+        ("https://10.0.0.1/x", "scan", None, "url"),
+        ("https://no-such-host.invalid/x", "scan", None, "url"),
+        ("https://93.184.216.34/x", "scan2", None, "events"),
+        ("https://93.184.216.34/x", "", None, "events"),
+        ("https://93.184.216.34/x", "scan,scan", None, "events"),
+        ("https://93.184.216.34/x", "scan", "d" * 501, "description"),
+    ],
+)
+def test_webhook_create_refusals_name_the_field_and_store_nothing(
+    db_url: str, url, events, description, field
+):
+    team = ok_json(
+        db_url, "team", "create", f"wh-{os.getpid()}-{abs(hash((url, events, description))) % 10**8}"
+    )
+    args = ["webhook", "create", "--team", str(team["id"]), "--url", url, "--events", events]
+    if description:
+        args += ["--description", description]
+    proc = run(db_url, *args, "--json")
+    assert proc.returncode == 1 and json.loads(proc.stderr)["field"] == field
+    assert ok_json(db_url, "webhook", "list", "--team", str(team["id"])) == []
+
+
+def test_webhook_delete_of_another_teams_id_is_not_found(db_url: str):
+    mine = ok_json(db_url, "team", "create", f"mine-{os.getpid()}-{len(db_url)}")
+    theirs = ok_json(db_url, "team", "create", f"theirs-{os.getpid()}-{len(db_url)}")
+    hook = ok_json(
+        db_url,
+        "webhook",
+        "create",
+        "--team",
+        str(theirs["id"]),
+        "--url",
+        "https://93.184.216.34/x",
+        "--events",
+        "scan",
+    )
+    proc = run(db_url, "webhook", "delete", str(hook["id"]), "--team", str(mine["id"]), "--json")
+    assert proc.returncode == 1 and "does not exist" in json.loads(proc.stderr)["error"]
+    assert [w["id"] for w in ok_json(db_url, "webhook", "list", "--team", str(theirs["id"]))] == [hook["id"]]
+
+
 def test_duplicate_team_name_is_refused(db_url: str):
     name = f"dup-{os.getpid()}"
     ok_json(db_url, "team", "create", name)
@@ -215,6 +260,22 @@ async def test_newcomer_first_run_prints_a_working_key_and_snippets(tmp_path: Pa
             "does not exist",
         ),
         (("deliveries", "--webhook", "999999999"), "webhook_id", "does not exist"),
+        (
+            (
+                "webhook",
+                "create",
+                "--team",
+                "999999999",
+                "--url",
+                "https://93.184.216.34/",
+                "--events",
+                "scan",
+            ),
+            "team",
+            "does not exist",
+        ),
+        (("webhook", "list", "--team", "999999999"), "team", "does not exist"),
+        (("webhook", "delete", "999999999", "--team", "999999999"), "team", "does not exist"),
         (("deliveries", "--webhook", "1", "--limit", "101"), "limit", "1 to 100"),
     ],
 )

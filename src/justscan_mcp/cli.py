@@ -274,6 +274,48 @@ def _serve_http(args: argparse.Namespace, settings: Settings) -> None:
     uvicorn.run(asgi, host=args.host, port=args.port, log_level="info", lifespan="on")
 
 
+# --- webhooks (operator) ---------------------------------------------------------------------
+
+
+def _events_arg(raw: str) -> list[str]:
+    return [e.strip() for e in raw.split(",") if e.strip()]
+
+
+def _webhook_line(w: dict[str, Any]) -> str:
+    state = "active" if w["active"] else "inactive"
+    return f"{w['id']}\t{','.join(w['events'])}\t{state}\t{w['url']}\t{w.get('description') or ''}"
+
+
+def cmd_webhook_create(args: argparse.Namespace) -> None:
+    service = _app(args).service
+    created = service.create_webhook(
+        principal=service.operator(team_id=args.team),
+        url=args.url,
+        events=_events_arg(args.events),
+        description=args.description,
+    )
+    _emit(args, created, lambda w: f"{_webhook_line(w)}\nsecret (shown once): {w['secret']}")
+
+
+def cmd_webhook_list(args: argparse.Namespace) -> None:
+    service = _app(args).service
+    principal = service.operator(team_id=args.team)
+    hooks, cursor = [], None
+    while True:
+        page = service.list_webhooks(principal=principal, cursor=cursor, limit=100)
+        hooks += page.webhooks
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    _emit(args, hooks, lambda ws: "\n".join(_webhook_line(w) for w in ws) or "no webhooks")
+
+
+def cmd_webhook_delete(args: argparse.Namespace) -> None:
+    service = _app(args).service
+    service.delete_webhook(principal=service.operator(team_id=args.team), webhook_id=args.id)
+    _emit(args, {"deleted": True, "webhook_id": args.id}, lambda d: f"deleted webhook {d['webhook_id']}")
+
+
 # --- events, deliveries, worker ----------------------------------------------------------------
 
 
@@ -414,6 +456,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--webhook", type=_positive_int, required=True, metavar="ID")
     p.add_argument("--state", choices=["pending", "retrying", "succeeded", "failed"])
     p.add_argument("--limit", type=_positive_int, default=20, help="1 to 100 (default 20)")
+
+    webhook = sub.add_parser("webhook", help="manage a team's webhooks as the operator").add_subparsers(
+        dest="webhook_command", required=True, metavar="ACTION"
+    )
+    p = add(webhook, "create", cmd_webhook_create, "create a webhook (its secret is printed once)")
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p.add_argument("--url", required=True)
+    p.add_argument(
+        "--events", required=True, help="comma-separated: scan,first_scan,form_submit,file_download"
+    )
+    p.add_argument("--description")
+    p.add_argument(
+        "--allow-private-targets", action="store_true", help="allow http:// and private targets (development)"
+    )
+    p = add(webhook, "list", cmd_webhook_list, "list a team's webhooks")
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p = add(webhook, "delete", cmd_webhook_delete, "delete a webhook")
+    p.add_argument("id", type=_positive_int)
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
 
     team = sub.add_parser("team", help="manage teams").add_subparsers(
         dest="team_command", required=True, metavar="ACTION"

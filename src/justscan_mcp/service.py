@@ -289,6 +289,16 @@ class Service:
         self.store.touch_api_key(key.id, now=self.clock())
         return _principal(key)
 
+    def operator(self, *, team_id: Any) -> Principal:
+        """A principal with every scope for one team: the CLI acts as the operator, not as a key.
+
+        Raises:
+            InvalidInput, NotFound: (team) for a malformed or unknown team id.
+        """
+        return Principal(
+            key_id=0, team_id=self._require_team(team_id), scopes=frozenset(SCOPES), mcp_enabled=False
+        )
+
     @staticmethod
     def require_mcp(principal: Principal) -> None:
         """Raises: McpDisabled when the key's MCP switch is off."""
