@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,27 +181,48 @@ class HttpServer:
     log: Path
 
 
-@pytest.fixture(scope="module")
-def http_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+@contextmanager
+def spawn_server(
+    env: dict[str, str], log: Path, *args: str, wait_healthy: bool = True
+) -> Iterator[HttpServer]:
+    """A real `justscan-mcp serve --transport http` on a free port, stopped (SIGTERM) on exit."""
     port = free_port()
-    log = tmp_path_factory.mktemp("http") / "server.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
-            env=child_env(db_url),
+            [
+                sys.executable,
+                "-m",
+                "justscan_mcp",
+                "serve",
+                "--transport",
+                "http",
+                "--port",
+                str(port),
+                *args,
+            ],
+            env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    base = f"http://127.0.0.1:{port}"
+    server = HttpServer(base=f"http://127.0.0.1:{port}", proc=proc, log=log)
     try:
-        wait_for(
-            lambda: proc.poll() is None and httpx.get(f"{base}/healthz", timeout=1).status_code == 200,
-            what=f"HTTP server on {base} (log {log})",
-        )
-        yield HttpServer(base=base, proc=proc, log=log)
+        if wait_healthy:
+            wait_for(
+                lambda: (
+                    proc.poll() is None and httpx.get(f"{server.base}/healthz", timeout=1).status_code == 200
+                ),
+                what=f"HTTP server on {server.base} (log {log})",
+            )
+        yield server
     finally:
         proc.terminate()
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def http_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
+    with spawn_server(child_env(db_url), tmp_path_factory.mktemp("http") / "server.log") as server:
+        yield server

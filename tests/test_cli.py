@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import httpx
 import httpx2
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
 
-from tests.conftest import PUBLIC_URL, child_env, free_port, wait_for
+from tests.conftest import PUBLIC_URL, child_env, spawn_server, wait_for
 
 
 def run(db_url: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -178,21 +177,11 @@ async def test_newcomer_first_run_prints_a_working_key_and_snippets(tmp_path: Pa
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")} | {
         "XDG_DATA_HOME": str(data_home)
     }
-    port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, what="first-run server")
+    with spawn_server(env, log) as first:
         banner = log.read_text()
         assert (data_home / "justscan-mcp" / "justscan.db").exists()
-        assert f"{base}/mcp" in banner and f"{base}/sse" in banner
+        assert f"{first.base}/mcp" in banner and f"{first.base}/sse" in banner
         key = re.search(r"API key: (jsi_\S+)", banner).group(1)
         assert f"Authorization: Bearer {key}" in banner
         snippet = json.loads(
@@ -202,7 +191,7 @@ async def test_newcomer_first_run_prints_a_working_key_and_snippets(tmp_path: Pa
         assert server["env"] == {"JUSTSCAN_API_KEY": key}
 
         hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
-        async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
+        async with Client(streamable_http_client(f"{first.base}/mcp", http_client=hc)) as c:
             made = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
             assert made.is_error is False
 
@@ -215,27 +204,10 @@ async def test_newcomer_first_run_prints_a_working_key_and_snippets(tmp_path: Pa
         async with Client(params) as c:
             listed = await c.call_tool("list_webhooks", {})
             assert [w["id"] for w in listed.structured_content["webhooks"]] == [made.structured_content["id"]]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
     # A second start does not make another key.
-    port = free_port()
-    second = subprocess.Popen(
-        [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "second.log").open("wb"),
-    )
-    try:
-        wait_for(
-            lambda: httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200,
-            what="second start",
-        )
+    with spawn_server(env, tmp_path / "second.log"):
         text = (tmp_path / "second.log").read_text()
         assert "API key:" not in text and "key create --team" in text
-    finally:
-        second.terminate()
-        second.wait(timeout=10)
 
 
 @pytest.mark.parametrize(
@@ -294,62 +266,39 @@ async def test_emit_from_the_cli_reaches_the_receiver_through_the_server_dispatc
 
     team = ok_json(db_url, "team", "create", f"e2e-{os.getpid()}-{len(db_url)}")
     key = ok_json(db_url, "key", "create", "--team", str(team["id"]))
-    port = free_port()
     env = child_env(db_url, JUSTSCAN_ALLOW_PRIVATE_TARGETS="1", JUSTSCAN_POLL_INTERVAL="0.1")
-    log = tmp_path / "serve.log"
-    with Receiver() as receiver, log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for(lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200, what="server")
-            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key['key']}"}, timeout=30)
-            async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
-                made = (
-                    await c.call_tool(
-                        "create_webhook", {"url": receiver.url("/e2e"), "events": ["scan", "first_scan"]}
-                    )
-                ).structured_content
-                receiver.secrets["/e2e"] = made["secret"]
-                emitted = ok_json(
-                    db_url,
-                    "emit",
-                    "scan",
-                    "--team",
-                    str(team["id"]),
-                    "--data",
-                    '{"qr_code_id": 5, "scan_id": 1, "country": "Ísland"}',
+    with Receiver() as receiver, spawn_server(env, tmp_path / "serve.log") as server:
+        hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key['key']}"}, timeout=30)
+        async with Client(streamable_http_client(f"{server.base}/mcp", http_client=hc)) as c:
+            made = (
+                await c.call_tool(
+                    "create_webhook", {"url": receiver.url("/e2e"), "events": ["scan", "first_scan"]}
                 )
-                assert (
-                    set(emitted) == {"event_id", "deliveries"} and len(emitted["deliveries"]) == 2
-                )  # scan + first_scan
-                wait_for(lambda: len(receiver.at("/e2e")) == 2, what="both deliveries at the receiver")
-                assert all(r.verified for r in receiver.at("/e2e"))
-                assert sorted(r.headers["x-webhook-event"] for r in receiver.at("/e2e")) == [
-                    "first_scan",
-                    "scan",
-                ]
-                wait_for(
-                    lambda: all(
-                        d["state"] == "succeeded"
-                        for d in ok_json(db_url, "deliveries", "--webhook", str(made["id"]))["deliveries"]
-                    ),
-                    what="succeeded in the log",
-                )
-                log_doc = ok_json(db_url, "deliveries", "--webhook", str(made["id"]))
-                assert [d["id"] for d in log_doc["deliveries"]] == sorted(emitted["deliveries"], reverse=True)
-                assert all(d["attempts"][0]["status_code"] == 200 for d in log_doc["deliveries"])
-                human = run(db_url, "deliveries", "--webhook", str(made["id"]))
-                assert human.returncode == 0 and "succeeded" in human.stdout and "HTTP 200" in human.stdout
-                tested = (await c.call_tool("test_webhook", {"webhook_id": made["id"]})).structured_content
-                assert tested["state"] == "succeeded" and tested["status_code"] == 200
-        finally:
-            proc.terminate()
-            proc.wait(timeout=15)
+            ).structured_content
+            receiver.secrets["/e2e"] = made["secret"]
+            data = '{"qr_code_id": 5, "scan_id": 1, "country": "Ísland"}'
+            emitted = ok_json(db_url, "emit", "scan", "--team", str(team["id"]), "--data", data)
+            assert (
+                set(emitted) == {"event_id", "deliveries"} and len(emitted["deliveries"]) == 2
+            )  # scan + first_scan
+            wait_for(lambda: len(receiver.at("/e2e")) == 2, what="both deliveries at the receiver")
+            assert all(r.verified for r in receiver.at("/e2e"))
+            assert sorted(r.headers["x-webhook-event"] for r in receiver.at("/e2e")) == ["first_scan", "scan"]
+
+            def log() -> dict:
+                return ok_json(db_url, "deliveries", "--webhook", str(made["id"]))
+
+            wait_for(
+                lambda: all(d["state"] == "succeeded" for d in log()["deliveries"]),
+                what="succeeded in the log",
+            )
+            log_doc = log()
+            assert [d["id"] for d in log_doc["deliveries"]] == sorted(emitted["deliveries"], reverse=True)
+            assert all(d["attempts"][0]["status_code"] == 200 for d in log_doc["deliveries"])
+            human = run(db_url, "deliveries", "--webhook", str(made["id"]))
+            assert human.returncode == 0 and "succeeded" in human.stdout and "HTTP 200" in human.stdout
+            tested = (await c.call_tool("test_webhook", {"webhook_id": made["id"]})).structured_content
+            assert tested["state"] == "succeeded" and tested["status_code"] == 200
 
 
 @pytest.mark.anyio

@@ -24,6 +24,7 @@ from tests.conftest import (
     child_env,
     free_port,
     make_team,
+    spawn_server,
     wait_for,
 )
 
@@ -169,45 +170,16 @@ async def test_sse_transport_with_bearer_key(http_server: HttpServer, app):
 
 def test_allowed_host_flag_admits_a_public_host_name(db_url: str, app, tmp_path):
     kit = make_team(app, "proxy")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "justscan_mcp",
-            "serve",
-            "--transport",
-            "http",
-            "--port",
-            str(port),
-            "--allowed-host",
-            "mcp.justscan.example",
-        ],
-        env=child_env(db_url),
-        stdout=subprocess.DEVNULL,
-        stderr=(tmp_path / "log").open("wb"),
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(
-            lambda: httpx.get(f"{base}/healthz", timeout=1).status_code == 200,
-            what="server with --allowed-host",
-        )
+    with spawn_server(
+        child_env(db_url), tmp_path / "log", "--allowed-host", "mcp.justscan.example"
+    ) as server:
         auth = {"Authorization": f"Bearer {kit.rw.key}"}
-        ok = httpx.post(
-            f"{base}/mcp",
-            json=INIT,
-            headers=ACCEPT
-            | auth
-            | {"Host": "mcp.justscan.example", "Origin": "https://mcp.justscan.example"},
-        )
+        public = {"Host": "mcp.justscan.example", "Origin": "https://mcp.justscan.example"}
+        ok = httpx.post(f"{server.base}/mcp", json=INIT, headers=ACCEPT | auth | public)
         assert ok.status_code == 200
         assert "justscan-webhooks" in json.dumps(ok.text)
-        bad = httpx.post(f"{base}/mcp", json=INIT, headers=ACCEPT | auth | {"Host": "other.example"})
+        bad = httpx.post(f"{server.base}/mcp", json=INIT, headers=ACCEPT | auth | {"Host": "other.example"})
         assert bad.status_code == 421
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_server_started_while_database_is_down_waits_then_recovers(db_url: str, tmp_path):
@@ -222,33 +194,27 @@ def test_server_started_while_database_is_down_waits_then_recovers(db_url: str, 
     real = make_url(db_url)
     gap = free_port()
     proxied = real.set(host="127.0.0.1", port=gap).render_as_string(hide_password=False)
-    port = free_port()
-    log = tmp_path / "log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
-            env=child_env(proxied),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
     proxy = TcpProxy(gap, (real.host or "127.0.0.1", real.port or 5432))
+    log = tmp_path / "log"
     try:
-        wait_for(lambda: log.read_text().count("not reachable") >= 2, what="retry messages in the log")
-        assert proc.poll() is None
-        assert httpx.get(f"{base}/healthz", timeout=2).status_code == 503
-        assert post_init(HttpServer(base=base, proc=proc, log=log), {}).status_code == 503
-        proxy.start()
-        wait_for(
-            lambda: httpx.get(f"{base}/healthz", timeout=2).status_code == 200, timeout=60, what="recovery"
-        )
+        with spawn_server(child_env(proxied), log, wait_healthy=False) as server:
+            wait_for(lambda: log.read_text().count("not reachable") >= 2, what="retry messages in the log")
+            assert server.proc.poll() is None
+            wait_for(
+                lambda: httpx.get(f"{server.base}/healthz", timeout=2).status_code == 503, what="503 health"
+            )
+            assert post_init(server, {}).status_code == 503
+            proxy.start()
+            wait_for(
+                lambda: httpx.get(f"{server.base}/healthz", timeout=2).status_code == 200,
+                timeout=60,
+                what="recovery",
+            )
+        assert (
+            server.proc.returncode is not None and server.proc.returncode != -9
+        )  # stopped by SIGTERM, not killed
     finally:
-        proc.terminate()
-        try:
-            assert proc.wait(timeout=15) is not None
-        finally:
-            proc.kill()
-            proxy.stop()
+        proxy.stop()
 
 
 def test_hosted_agent_example_runs_against_the_server(http_server: HttpServer, kit: TeamKit):

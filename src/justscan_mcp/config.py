@@ -7,11 +7,14 @@ top of it. Malformed values raise `ConfigError` naming the variable, instead of 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 from justscan_mcp.errors import ConfigError
+
+T = TypeVar("T")
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -74,6 +77,13 @@ def parse_positive_float(name: str, raw: str) -> float:
     return value
 
 
+def parse_in_flight(name: str, raw: str) -> int:
+    """Raises: ConfigError unless an integer from 1 to 10000."""
+    if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
+        raise ConfigError(f"{name}: expected an integer from 1 to 10000, got {raw!r}")
+    return int(raw)
+
+
 def default_data_dir() -> Path:
     """The per-user data directory (never the current directory)."""
     # Imported here: platformdirs is only needed when no URL is configured.
@@ -116,40 +126,27 @@ class Settings:
             ConfigError: when a variable is set to a malformed value.
         """
         env = os.environ if environ is None else environ
+
+        def read(name: str, parse: Callable[[str, str], T], default: T) -> T:
+            raw = env.get(name, "").strip()
+            return parse(name, raw) if raw else default
+
         url = env.get("JUSTSCAN_DATABASE_URL", "").strip()
-        api_key = env.get("JUSTSCAN_API_KEY", "").strip() or None
-        schedule = DEFAULT_RETRY_SCHEDULE
-        if raw := env.get("JUSTSCAN_RETRY_SCHEDULE", "").strip():
-            schedule = parse_retry_schedule("JUSTSCAN_RETRY_SCHEDULE", raw)
-        timeout = DEFAULT_DELIVERY_TIMEOUT
-        if raw := env.get("JUSTSCAN_DELIVERY_TIMEOUT", "").strip():
-            timeout = parse_positive_float("JUSTSCAN_DELIVERY_TIMEOUT", raw)
-        allow_private = False
-        if raw := env.get("JUSTSCAN_ALLOW_PRIVATE_TARGETS", "").strip():
-            allow_private = parse_bool("JUSTSCAN_ALLOW_PRIVATE_TARGETS", raw)
-        poll = DEFAULT_POLL_INTERVAL
-        if raw := env.get("JUSTSCAN_POLL_INTERVAL", "").strip():
-            poll = parse_positive_float("JUSTSCAN_POLL_INTERVAL", raw)
-        margin = DEFAULT_LEASE_MARGIN
-        if raw := env.get("JUSTSCAN_LEASE_MARGIN", "").strip():
-            margin = parse_positive_float("JUSTSCAN_LEASE_MARGIN", raw)
-        in_flight = DEFAULT_MAX_IN_FLIGHT
-        if raw := env.get("JUSTSCAN_MAX_IN_FLIGHT", "").strip():
-            if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
-                raise ConfigError(f"JUSTSCAN_MAX_IN_FLIGHT: expected an integer from 1 to 10000, got {raw!r}")
-            in_flight = int(raw)
-        hosts = tuple(h.strip() for h in env.get("JUSTSCAN_ALLOWED_HOSTS", "").split(",") if h.strip())
         return cls(
             database_url=url or default_database_url(),
             database_url_is_default=not url,
-            api_key=api_key,
-            retry_schedule=schedule,
-            delivery_timeout=timeout,
-            allow_private_targets=allow_private,
-            allowed_hosts=hosts,
-            poll_interval=poll,
-            lease_margin=margin,
-            max_in_flight=in_flight,
+            api_key=env.get("JUSTSCAN_API_KEY", "").strip() or None,
+            retry_schedule=read("JUSTSCAN_RETRY_SCHEDULE", parse_retry_schedule, DEFAULT_RETRY_SCHEDULE),
+            delivery_timeout=read(
+                "JUSTSCAN_DELIVERY_TIMEOUT", parse_positive_float, DEFAULT_DELIVERY_TIMEOUT
+            ),
+            allow_private_targets=read("JUSTSCAN_ALLOW_PRIVATE_TARGETS", parse_bool, False),
+            allowed_hosts=tuple(
+                h.strip() for h in env.get("JUSTSCAN_ALLOWED_HOSTS", "").split(",") if h.strip()
+            ),
+            poll_interval=read("JUSTSCAN_POLL_INTERVAL", parse_positive_float, DEFAULT_POLL_INTERVAL),
+            lease_margin=read("JUSTSCAN_LEASE_MARGIN", parse_positive_float, DEFAULT_LEASE_MARGIN),
+            max_in_flight=read("JUSTSCAN_MAX_IN_FLIGHT", parse_in_flight, DEFAULT_MAX_IN_FLIGHT),
         )
 
     def with_overrides(self, **changes: object) -> Settings:
