@@ -30,9 +30,16 @@ from justscan_mcp.config import Settings
 from justscan_mcp.models import ApiKeyCreated, Principal, TeamPublic
 from justscan_mcp.store import normalise_url
 
-ALL_TOOLS = ["create_webhook", "delete_webhook", "list_deliveries", "list_webhooks", "test_webhook"]
-READ_TOOLS = ["list_deliveries", "list_webhooks"]
-WRITE_TOOLS = ["create_webhook", "delete_webhook", "test_webhook"]
+READ_TOOLS = ["get_webhook", "list_deliveries", "list_webhooks"]
+WRITE_TOOLS = [
+    "create_webhook",
+    "delete_webhook",
+    "redeliver",
+    "rotate_secret",
+    "test_webhook",
+    "update_webhook",
+]
+ALL_TOOLS = sorted(READ_TOOLS + WRITE_TOOLS)
 PUBLIC_IP = "93.184.216.34"
 PUBLIC_URL = f"https://{PUBLIC_IP}/hooks/justscan"
 

@@ -172,3 +172,102 @@ async def test_delivery_tool_schemas_and_annotations(live: App):
     }
     assert ld.input_schema["properties"]["limit"]["maximum"] == 100
     assert "secret" not in json.dumps(t.output_schema) + json.dumps(ld.output_schema)
+
+
+BAD_UPDATES = [
+    ({"url": "ftp://127.0.0.1/x"}, "url"),
+    ({"url": "/relative"}, "url"),
+    ({"url": "http://127.0.0.1/" + "a" * 2048}, "url"),
+    ({"url": "http://no-such-host.invalid/x"}, "url"),
+    ({"events": ["scan2"]}, "events"),
+    ({"events": []}, "events"),
+    ({"events": ["scan", "scan"]}, "events"),
+    ({"description": "d" * 501}, "description"),
+    ({}, "body"),
+    ({"webhook_id": -4}, "webhook_id"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD_UPDATES)
+async def test_update_webhook_is_checked_as_strictly_as_create(live: App, receiver: Receiver, change, field):
+    kit = make_team(live, "mcp-update-bad")
+    w = hook(kit, receiver, "/upd", events=["scan"])
+    before = live.service.get_webhook(principal=kit.principal(), webhook_id=w.id)
+    async with client(kit) as c:
+        result = await c.call_tool("update_webhook", {"webhook_id": w.id} | change)
+    assert result.is_error and field in result.content[0].text.partition(": ")[2], result.content[0].text
+    assert live.service.get_webhook(principal=kit.principal(), webhook_id=w.id) == before
+
+
+async def test_update_refuses_private_targets_when_they_are_off(db_url: str):
+    from tests.conftest import stub_resolver
+
+    strict = App.build(fast_settings(db_url, allow_private_targets=False), resolver=stub_resolver)
+    kit = make_team(strict, "mcp-update-strict")
+    w = strict.service.create_webhook(
+        principal=kit.principal(), url="https://hooks.example.test/in", events=["scan"]
+    )
+    async with Client(build_mcp_server(strict, fixed_key_id=kit.rw.id)) as c:
+        for url in (
+            "https://127.0.0.1/x",
+            "https://10.0.0.1/x",
+            "https://169.254.169.254/x",
+            "https://[::1]/x",
+            "https://internal.example.test/",
+        ):
+            result = await c.call_tool("update_webhook", {"webhook_id": w.id, "url": url})
+            assert result.is_error and "public address" in result.content[0].text
+    assert (
+        strict.service.get_webhook(principal=kit.principal(), webhook_id=w.id).url
+        == "https://hooks.example.test/in"
+    )
+
+
+async def test_get_update_redeliver_rotate_over_mcp(live: App, receiver: Receiver):
+    from standardwebhooks import Webhook as StandardWebhook
+
+    kit = make_team(live, "mcp-parity")
+    w = hook(kit, receiver, "/par")
+    receiver.expect("/par", *[Reply(500)] * 4)
+    async with client(kit) as c:
+        got = (await c.call_tool("get_webhook", {"webhook_id": w.id})).structured_content
+        assert got["url"] == w.url and "secret" not in got
+        upd = (
+            await c.call_tool(
+                "update_webhook",
+                {"webhook_id": w.id, "description": "ops", "events": ["scan", "form_submit"]},
+            )
+        ).structured_content
+        assert upd["description"] == "ops" and upd["events"] == ["scan", "form_submit"]
+        cleared = (
+            await c.call_tool("update_webhook", {"webhook_id": w.id, "description": ""})
+        ).structured_content
+        assert cleared["description"] is None
+        sent = live.service.emit_event(
+            team_id=kit.team.id, event="scan", data={"qr_code_id": 700, "scan_id": 1}
+        )
+        await until(
+            lambda: (
+                live.service.list_deliveries(
+                    principal=kit.principal(), webhook_id=w.id, state="failed"
+                ).deliveries
+            )
+        )
+        rotated = (await c.call_tool("rotate_secret", {"webhook_id": w.id})).structured_content
+        assert rotated["secret"].startswith("whsec_") and rotated["secret"] != w.secret
+        receiver.secrets["/par"] = rotated["secret"]
+        again = (await c.call_tool("redeliver", {"delivery_id": sent.deliveries[0]})).structured_content
+        assert again["redelivery_of"] == sent.deliveries[0] and again["id"] != sent.deliveries[0]
+        await until(lambda: len(receiver.at("/par")) == 5)
+        last = receiver.at("/par")[-1]
+        assert last.verified and last.headers["x-webhook-delivery"] == str(again["id"])
+        std = {k: last.headers[k] for k in ("webhook-id", "webhook-timestamp", "webhook-signature")}
+        StandardWebhook(w.secret).verify(last.body, std)  # old secret, within the 24 h default grace
+        bad = await c.call_tool("redeliver", {"delivery_id": 10**13})
+        assert bad.is_error and "does not exist" in bad.content[0].text
+        paused = await c.call_tool("update_webhook", {"webhook_id": w.id, "active": False})
+        assert paused.structured_content["active"] is False
+        refused = await c.call_tool("redeliver", {"delivery_id": sent.deliveries[0]})
+        assert refused.is_error and "inactive" in refused.content[0].text
+        grace = await c.call_tool("rotate_secret", {"webhook_id": w.id, "grace_seconds": 10**8})
+        assert grace.is_error and "grace_seconds" in grace.content[0].text

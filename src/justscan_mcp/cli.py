@@ -316,6 +316,53 @@ def cmd_webhook_delete(args: argparse.Namespace) -> None:
     _emit(args, {"deleted": True, "webhook_id": args.id}, lambda d: f"deleted webhook {d['webhook_id']}")
 
 
+def cmd_webhook_get(args: argparse.Namespace) -> None:
+    service = _app(args).service
+    _emit(
+        args,
+        service.get_webhook(principal=service.operator(team_id=args.team), webhook_id=args.id),
+        _webhook_line,
+    )
+
+
+def cmd_webhook_update(args: argparse.Namespace) -> None:
+    changes: dict[str, Any] = {}
+    if args.url is not None:
+        changes["url"] = args.url
+    if args.events is not None:
+        changes["events"] = _events_arg(args.events)
+    if args.description is not None:
+        changes["description"] = args.description or None
+    if args.active is not None:
+        changes["active"] = args.active
+    service = _app(args).service
+    updated = service.update_webhook(
+        principal=service.operator(team_id=args.team), webhook_id=args.id, changes=changes
+    )
+    _emit(args, updated, _webhook_line)
+
+
+def cmd_webhook_rotate(args: argparse.Namespace) -> None:
+    service = _app(args).service
+    rotated = service.rotate_secret(
+        principal=service.operator(team_id=args.team), webhook_id=args.id, grace_seconds=args.grace_seconds
+    )
+    _emit(
+        args,
+        rotated,
+        lambda r: (
+            f"new secret (shown once): {r['secret']}\nold secret still signs webhook-signature until "
+            f"{r['previous_secret_expires_at'] or 'now'}"
+        ),
+    )
+
+
+def cmd_redeliver(args: argparse.Namespace) -> None:
+    service = _app(args).service
+    copy = service.redeliver(principal=service.operator(team_id=args.team), delivery_id=args.delivery)
+    _emit(args, copy, lambda d: f"queued delivery {d['id']} (redelivery of {d['redelivery_of']})")
+
+
 # --- events, deliveries, worker ----------------------------------------------------------------
 
 
@@ -471,6 +518,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-private-targets", action="store_true", help="allow http:// and private targets (development)"
     )
     p = add(webhook, "list", cmd_webhook_list, "list a team's webhooks")
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p = add(webhook, "get", cmd_webhook_get, "show one webhook")
+    p.add_argument("id", type=_positive_int)
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p = add(webhook, "update", cmd_webhook_update, "change a webhook (only the fields given)")
+    p.add_argument("id", type=_positive_int)
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p.add_argument("--url")
+    p.add_argument("--events", help="comma-separated, replaces the list")
+    p.add_argument("--description", help='new note; "" clears it')
+    p.add_argument("--active", dest="active", action="store_true", default=None)
+    p.add_argument("--inactive", dest="active", action="store_false")
+    p.add_argument(
+        "--allow-private-targets", action="store_true", help="allow http:// and private targets (development)"
+    )
+    p = add(webhook, "rotate-secret", cmd_webhook_rotate, "issue a new signing secret (printed once)")
+    p.add_argument("id", type=_positive_int)
+    p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
+    p.add_argument(
+        "--grace-seconds", type=int, default=86400, help="how long the old secret still signs (default 86400)"
+    )
+    p = add(sub, "redeliver", cmd_redeliver, "send a past delivery's event again, as a new delivery")
+    p.add_argument("delivery", type=_positive_int, metavar="DELIVERY_ID")
     p.add_argument("--team", type=_positive_int, required=True, metavar="ID")
     p = add(webhook, "delete", cmd_webhook_delete, "delete a webhook")
     p.add_argument("id", type=_positive_int)

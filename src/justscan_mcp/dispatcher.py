@@ -184,7 +184,7 @@ class Dispatcher:
         started = self.clock()
         stamp = int(time.time())
         headers = delivery_headers(
-            secrets=[job.secret],
+            secrets=list(job.secrets),
             delivery_id=job.delivery_id,
             event=job.event,
             body=job.payload,

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials
 from starlette.requests import Request
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Route
+from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from justscan_mcp.app import App
@@ -130,6 +130,62 @@ class BearerKeyAuth:
             auth_context_var.reset(reset)
 
 
+API_PREFIX = "/api/v1"
+MAX_BODY = 1024 * 1024
+
+
+class BodyLimit:
+    """Refuse REST request bodies over 1 MiB before anything parses them: at once when
+    Content-Length says so, and by counting when the body is chunked."""
+
+    def __init__(self, app: ASGIApp, *, limit: int = MAX_BODY) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+        # Read the body here (never more than limit + 1 bytes), then replay it to the app: a
+        # chunked body over the limit is refused before any parser sees it.
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from justscan_mcp.rest_api import error_response
+
+        await error_response(413, "too_large", f"the request body is over {self.limit} bytes", "body")(
+            scope, receive, send
+        )
+
+
 def build_http_app(
     app: App,
     *,
@@ -159,11 +215,15 @@ def build_http_app(
             log.info("ready")
             yield {}
 
+    from justscan_mcp.rest_api import build_rest_api
+
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
+        Mount(API_PREFIX, app=build_rest_api(app)),
         *streamable.routes,
         *sse.routes,
     ]
     starlette = Starlette(routes=routes, lifespan=lifespan)
     starlette.add_middleware(BearerKeyAuth, justscan=app)
+    starlette.add_middleware(BodyLimit)
     return starlette

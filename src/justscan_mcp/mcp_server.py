@@ -12,7 +12,6 @@ The service checks scopes again: it is the authority, the middleware makes the s
 from __future__ import annotations
 
 import contextvars
-import time
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
@@ -35,14 +34,17 @@ from justscan_mcp.models import (
     LIST_LIMIT_MAX,
     URL_MAX_LENGTH,
     DeliveryPage,
+    DeliveryPublic,
     EventName,
     Principal,
+    SecretRotated,
     TestOutcome,
     WebhookCreated,
     WebhookPage,
+    WebhookPublic,
 )
 from justscan_mcp.retry import DeliveryState
-from justscan_mcp.service import READ, WRITE
+from justscan_mcp.service import DEFAULT_ROTATION_GRACE, MAX_ROTATION_GRACE, READ, WRITE
 
 T = TypeVar("T")
 
@@ -52,6 +54,10 @@ TOOL_SCOPES: dict[str, str] = {
     "delete_webhook": WRITE,
     "test_webhook": WRITE,
     "list_deliveries": READ,
+    "get_webhook": READ,
+    "update_webhook": WRITE,
+    "redeliver": WRITE,
+    "rotate_secret": WRITE,
 }
 """The scope each tool needs; a tool missing here is refused to everyone (fail closed)."""
 
@@ -69,7 +75,9 @@ receives signed POST requests when QR-code events happen (scan, first_scan, form
 file_download). Use list_webhooks to see existing webhooks and their ids, create_webhook to add one
 (its signing secret is shown only in that result: tell the user to store it), delete_webhook to
 remove one, test_webhook to send a signed test delivery and see the receiver's answer, and
-list_deliveries to read a webhook's delivery log (states, attempts, response codes, retries).
+list_deliveries to read a webhook's delivery log (states, attempts, response codes, retries),
+get_webhook and update_webhook to inspect or change one (url, events, description, active),
+redeliver to send a past delivery's event again, and rotate_secret to issue a new signing secret.
 Errors say which argument to change."""
 
 
@@ -270,14 +278,10 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
         the duration, the start of the response body and any error. It is logged like any
         delivery and is not retried.
         """
-        principal = current_principal()
-        delivery_id = await _call(service.send_test, principal=principal, webhook_id=webhook_id)
-        deadline = time.monotonic() + app.settings.delivery_timeout + 5
-        while True:
-            outcome = await _call(service.test_outcome, principal=principal, delivery_id=delivery_id)
-            if outcome.state in ("succeeded", "failed") or time.monotonic() > deadline:
-                return outcome
-            await anyio.sleep(0.02)
+        try:
+            return await app.send_test_and_wait(principal=current_principal(), webhook_id=webhook_id)
+        except JustScanError as exc:
+            raise ToolError(exc.message) from exc
 
     @server.tool(
         title="List deliveries",
@@ -309,6 +313,112 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
             state=state,
             cursor=cursor,
             limit=limit,
+        )
+
+    @server.tool(
+        title="Get webhook",
+        annotations=ToolAnnotations(
+            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    async def get_webhook(webhook_id: WebhookId) -> WebhookPublic:
+        """One of your team's webhooks: URL, events, description, whether it is active, and times.
+        The secret is not shown (rotate_secret issues a new one)."""
+        return await _call(service.get_webhook, principal=current_principal(), webhook_id=webhook_id)
+
+    @server.tool(
+        title="Update webhook",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=True, open_world_hint=False
+        ),
+    )
+    async def update_webhook(
+        webhook_id: WebhookId,
+        url: Annotated[
+            str | None,
+            Field(
+                min_length=1,
+                max_length=URL_MAX_LENGTH,
+                description="New https:// URL (must resolve to a public address).",
+                json_schema_extra={"format": "uri"},
+            ),
+        ] = None,
+        events: Annotated[
+            list[EventName] | None,
+            Field(
+                min_length=1,
+                max_length=4,
+                description="New event list, replacing the old one; each event at most once.",
+                json_schema_extra={"uniqueItems": True},
+            ),
+        ] = None,
+        description: Annotated[
+            str | None,
+            Field(max_length=DESCRIPTION_MAX_LENGTH, description="New note; an empty string clears it."),
+        ] = None,
+        active: Annotated[
+            bool | None,
+            Field(description="false pauses the webhook: it receives nothing and its queued deliveries end."),
+        ] = None,
+    ) -> WebhookPublic:
+        """Change a webhook: give only the fields to change. Each is checked as strictly as in
+        create_webhook. Setting active to false stops all deliveries to it."""
+        changes: dict[str, Any] = {}
+        if url is not None:
+            changes["url"] = url
+        if events is not None:
+            changes["events"] = events
+        if description is not None:
+            changes["description"] = description or None
+        if active is not None:
+            changes["active"] = active
+        return await _call(
+            service.update_webhook, principal=current_principal(), webhook_id=webhook_id, changes=changes
+        )
+
+    @server.tool(
+        title="Redeliver",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=False, idempotent_hint=False, open_world_hint=True
+        ),
+    )
+    async def redeliver(
+        delivery_id: Annotated[
+            int,
+            Field(ge=1, description="A delivery id from list_deliveries whose event should be sent again."),
+        ],
+    ) -> DeliveryPublic:
+        """Send a past delivery's event to its webhook again, as a new delivery linked to the
+        original (redelivery_of). Use it after fixing a receiver that failed. The new delivery is
+        retried on the usual schedule; follow it with list_deliveries."""
+        return await _call(service.redeliver, principal=current_principal(), delivery_id=delivery_id)
+
+    @server.tool(
+        title="Rotate secret",
+        annotations=ToolAnnotations(
+            read_only_hint=False, destructive_hint=True, idempotent_hint=False, open_world_hint=False
+        ),
+    )
+    async def rotate_secret(
+        webhook_id: WebhookId,
+        grace_seconds: Annotated[
+            int,
+            Field(
+                ge=0,
+                le=MAX_ROTATION_GRACE,
+                description="How long the old secret keeps signing beside the new one (webhook-signature), "
+                "in seconds; default 86400 (24 h), 0 ends it at once.",
+            ),
+        ] = DEFAULT_ROTATION_GRACE,
+    ) -> SecretRotated:
+        """Issue a new signing secret for a webhook and return it (shown only here: give it to the
+        user). X-Webhook-Signature uses the new secret at once; the Standard Webhooks
+        webhook-signature header carries both signatures until the grace period ends."""
+        return await _call(
+            service.rotate_secret,
+            principal=current_principal(),
+            webhook_id=webhook_id,
+            grace_seconds=grace_seconds,
         )
 
     return server

@@ -113,6 +113,11 @@ class Webhook(SQLModel, table=True):
         default=None, sa_column=Column(String(DESCRIPTION_MAX_LENGTH), nullable=True)
     )
     secret: str = Field(sa_column=Column(String(100), nullable=False))
+    # After rotate_secret the old secret keeps signing `webhook-signature` until this time.
+    previous_secret: str | None = Field(default=None, sa_column=Column(String(100), nullable=True))
+    previous_secret_expires_at: datetime | None = Field(
+        default=None, sa_column=Column(UTCDateTime(), nullable=True)
+    )
     active: bool = Field(default=True)
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
@@ -171,6 +176,8 @@ class Delivery(SQLModel, table=True):
     next_attempt_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     lease_owner: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
     lease_expires_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    redelivery_of: int | None = Field(default=None, sa_column=Column(IdType, nullable=True))
+    note: str | None = Field(default=None, sa_column=Column(String(200), nullable=True))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
@@ -258,6 +265,14 @@ class WebhookCreated(WebhookPublic):
     secret: str
 
 
+class SecretRotated(_Public):
+    """rotate_secret's answer: the new secret, shown once, and until when the old one still signs."""
+
+    webhook_id: int
+    secret: str
+    previous_secret_expires_at: datetime | None
+
+
 class WebhookPage(BaseModel):
     webhooks: list[WebhookPublic]
     next_cursor: str | None
@@ -280,6 +295,8 @@ class DeliveryPublic(_Public):
     event: str
     state: str
     is_test: bool
+    redelivery_of: int | None = None
+    note: str | None = None
     created_at: datetime
     next_attempt_at: datetime | None
     attempts: list[AttemptPublic]

@@ -7,12 +7,12 @@ synchronous and keyword-only; async callers run them in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from datetime import datetime
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 from justscan_mcp.config import Settings
-from justscan_mcp.errors import InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
+from justscan_mcp.errors import Conflict, InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
 from justscan_mcp.events import TestData, envelope, validate_emit
 from justscan_mcp.models import (
     DEFAULT_KEY_SCOPES,
@@ -32,6 +32,7 @@ from justscan_mcp.models import (
     DeliveryPublic,
     EmitResult,
     Principal,
+    SecretRotated,
     TeamPublic,
     TestOutcome,
     Webhook,
@@ -52,6 +53,9 @@ from justscan_mcp.security import (
 from justscan_mcp.store import Store
 from justscan_mcp.targets import Resolver, system_resolver, validate_webhook_url
 
+UPDATABLE = frozenset({"url", "events", "description", "active"})
+DEFAULT_ROTATION_GRACE = 24 * 3600
+MAX_ROTATION_GRACE = 7 * 24 * 3600
 READ = "webhooks:read"
 WRITE = "webhooks:write"
 TEAM_NAME_MAX = 200
@@ -377,6 +381,102 @@ class Service:
             )
         return WebhookPage(webhooks=[WebhookPublic.model_validate(w) for w in page], next_cursor=next_cursor)
 
+    def update_webhook(
+        self, *, principal: Principal, webhook_id: int, changes: Mapping[str, Any]
+    ) -> WebhookPublic:
+        """Change the fields given (url, events, description, active), each checked as strictly as
+        at creation. Deactivating also ends the webhook's queued deliveries.
+
+        Raises:
+            MissingScope, InvalidInput (the field, or ``body`` when nothing or an unknown field is
+            given), NotFound.
+        """
+        self.require_scope(principal, WRITE, "update_webhook")
+        wid = _positive_id("webhook_id", webhook_id)
+        if not changes:
+            raise InvalidInput("body", "give at least one of url, events, description, active")
+        unknown = sorted(set(changes) - UPDATABLE)
+        if unknown:
+            raise InvalidInput(
+                unknown[0], f"is not a field that can be changed; use {', '.join(sorted(UPDATABLE))}"
+            )
+        values: dict[str, Any] = {}
+        if "events" in changes:
+            values["events"] = validate_events(changes["events"])
+        if "description" in changes:
+            values["description"] = validate_description(changes["description"])
+        if "active" in changes:
+            if not isinstance(changes["active"], bool):
+                raise InvalidInput("active", "must be true or false")
+            values["active"] = changes["active"]
+        if "url" in changes:
+            values["url"] = validate_webhook_url(
+                changes["url"], allow_private=self.settings.allow_private_targets, resolve=self.resolver
+            )
+        webhook = self.store.update_webhook(
+            team_id=principal.team_id, webhook_id=wid, now=self.clock(), **values
+        )
+        if webhook is None:
+            raise self._not_found(wid)
+        return WebhookPublic.model_validate(webhook)
+
+    def rotate_secret(
+        self, *, principal: Principal, webhook_id: int, grace_seconds: int = DEFAULT_ROTATION_GRACE
+    ) -> SecretRotated:
+        """Give the webhook a new secret. X-Webhook-Signature uses the new one at once; the old one
+        keeps signing `webhook-signature` beside it for `grace_seconds` (0 ends it now).
+
+        Raises:
+            MissingScope, InvalidInput (webhook_id, grace_seconds), NotFound.
+        """
+        self.require_scope(principal, WRITE, "rotate_secret")
+        if (
+            isinstance(grace_seconds, bool)
+            or not isinstance(grace_seconds, int)
+            or not 0 <= grace_seconds <= MAX_ROTATION_GRACE
+        ):
+            raise InvalidInput("grace_seconds", f"must be an integer from 0 to {MAX_ROTATION_GRACE} (7 days)")
+        webhook = self._own_webhook(principal, webhook_id)
+        now = self.clock()
+        new = generate_webhook_secret()
+        until = now + timedelta(seconds=grace_seconds) if grace_seconds else None
+        updated = self.store.update_webhook(
+            team_id=principal.team_id,
+            webhook_id=webhook.id or 0,
+            now=now,
+            secret=new,
+            previous_secret=webhook.secret if until else None,
+            previous_secret_expires_at=until,
+        )
+        if updated is None:  # deleted in between
+            raise self._not_found(webhook.id or 0)
+        return SecretRotated(webhook_id=updated.id or 0, secret=new, previous_secret_expires_at=until)
+
+    def redeliver(self, *, principal: Principal, delivery_id: int) -> DeliveryPublic:
+        """Queue a new delivery of a past delivery's event to its webhook, linked to the original
+        (`redelivery_of`). It is a normal delivery: signed anew, retried on the schedule.
+
+        Raises:
+            MissingScope, InvalidInput (delivery_id), NotFound, Conflict (the webhook is inactive).
+        """
+        self.require_scope(principal, WRITE, "redeliver")
+        did = _positive_id("delivery_id", delivery_id)
+        found = self.store.get_delivery(team_id=principal.team_id, delivery_id=did)
+        if found is None:
+            raise NotFound(
+                "delivery_id", f"delivery {did} does not exist in this team; list_deliveries shows the ids"
+            )
+        webhook = self._own_webhook(principal, found[0].webhook_id)
+        if not webhook.active:
+            raise Conflict(
+                "webhook_id", f"webhook {webhook.id} is inactive; set it active before redelivering"
+            )
+        copy = self.store.redeliver(team_id=principal.team_id, delivery_id=did, now=self.clock())
+        if copy is None:
+            raise NotFound("delivery_id", f"delivery {did} does not exist in this team")
+        self.on_recorded()
+        return _delivery_public(copy, [])
+
     def delete_webhook(self, *, principal: Principal, webhook_id: int) -> None:
         """Raises: MissingScope, InvalidInput, NotFound (also for another team's id)."""
         self.require_scope(principal, WRITE, "delete_webhook")
@@ -542,6 +642,8 @@ def _delivery_public(d: Delivery, attempts: list[DeliveryAttempt]) -> DeliveryPu
         event=d.event,
         state=d.state,
         is_test=d.is_test,
+        redelivery_of=d.redelivery_of,
+        note=d.note,
         created_at=d.created_at,
         next_attempt_at=d.next_attempt_at if d.state in ("pending", "retrying") else None,
         attempts=[AttemptPublic.model_validate(a) for a in attempts],

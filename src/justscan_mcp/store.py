@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, delete, event, func, or_, update
+from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
@@ -253,6 +254,61 @@ class Store:
                 .limit(limit)
             ).all()
 
+    def update_webhook(
+        self, *, team_id: int, webhook_id: int, now: datetime, **values: Any
+    ) -> Webhook | None:
+        """Change fields of a team's webhook. Setting `active=False` also ends its queued
+        deliveries (state failed, with a note), so an inactive webhook receives nothing.
+        """
+        with self.session(write=True) as s:
+            webhook = s.exec(
+                select(Webhook).where(Webhook.id == webhook_id).where(Webhook.team_id == team_id)
+            ).first()
+            if webhook is None:
+                return None
+            for name, value in values.items():
+                setattr(webhook, name, value)
+            webhook.updated_at = now
+            s.add(webhook)
+            if values.get("active") is False:
+                s.execute(
+                    update(Delivery)
+                    .where(col(Delivery.webhook_id) == webhook_id)
+                    .where(col(Delivery.state).in_(("pending", "retrying")))
+                    .where(col(Delivery.lease_owner).is_(None))
+                    .values(
+                        state="failed",
+                        next_attempt_at=None,
+                        note="cancelled: webhook deactivated",
+                        updated_at=now,
+                    )
+                )
+            return webhook
+
+    def redeliver(self, *, team_id: int, delivery_id: int, now: datetime) -> Delivery | None:
+        """A new pending delivery of the same event to the same webhook, linked to the original."""
+        with self.session(write=True) as s:
+            original = s.exec(
+                select(Delivery).where(Delivery.id == delivery_id).where(Delivery.team_id == team_id)
+            ).first()
+            if original is None:
+                return None
+            copy = Delivery(
+                team_id=team_id,
+                webhook_id=original.webhook_id,
+                event_id=original.event_id,
+                event=original.event,
+                state="pending",
+                is_test=original.is_test,
+                redelivery_of=original.id,
+                next_attempt_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(copy)
+            s.flush()
+            return copy
+
     def delete_webhook(self, *, team_id: int, webhook_id: int) -> bool:
         with self.session() as s:
             result = s.execute(
@@ -353,6 +409,8 @@ class Store:
         """
         due = (
             select(Delivery.id)
+            .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
+            .where(col(Webhook.active))
             .where(col(Delivery.state).in_(("pending", "retrying")))
             .where(col(Delivery.next_attempt_at) <= now)
             .where(or_(col(Delivery.lease_expires_at).is_(None), col(Delivery.lease_expires_at) < now))
@@ -360,7 +418,7 @@ class Store:
             .limit(limit)
         )
         if self.backend == "postgresql":
-            due = due.with_for_update(skip_locked=True)
+            due = due.with_for_update(of=Delivery, skip_locked=True)
         with self.session() as s:
             ids = list(
                 s.execute(
@@ -375,7 +433,14 @@ class Store:
             if not ids:
                 return []
             rows = s.execute(
-                select(Delivery, Webhook.url, Webhook.secret, Event.payload)
+                sa_select(
+                    Delivery,
+                    col(Webhook.url),
+                    col(Webhook.secret),
+                    col(Webhook.previous_secret),
+                    col(Webhook.previous_secret_expires_at),
+                    col(Event.payload),
+                )
                 .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
                 .join(Event, col(Event.id) == col(Delivery.event_id))
                 .where(col(Delivery.id).in_(ids))
@@ -389,10 +454,10 @@ class Store:
                     is_test=d.is_test,
                     attempt_number=d.attempt_count + 1,
                     url=url,
-                    secret=secret,
+                    secrets=(secret,) if not previous or not until or until <= now else (secret, previous),
                     payload=payload.encode("utf-8"),
                 )
-                for d, url, secret, payload in rows
+                for d, url, secret, previous, until, payload in rows
             ]
 
     def complete(self, *, worker: str, results: Sequence[AttemptResult], now: datetime) -> list[int]:
@@ -502,7 +567,7 @@ class Claimed:
     is_test: bool
     attempt_number: int
     url: str
-    secret: str
+    secrets: tuple[str, ...]  # the current secret first; a rotated-out one while its grace lasts
     payload: bytes
 
 
