@@ -22,7 +22,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -223,7 +223,15 @@ def build_http_app(
         *streamable.routes,
         *sse.routes,
     ]
-    starlette = Starlette(routes=routes, lifespan=lifespan)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        from justscan_mcp.rest_api import http_error_response
+
+        return http_error_response(getattr(exc, "status_code", 404))
+
+    starlette = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found}
+    )
     starlette.add_middleware(BearerKeyAuth, justscan=app)
     starlette.add_middleware(BodyLimit)
     return starlette

@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from justscan_mcp import __version__
 from justscan_mcp.app import App
@@ -96,6 +97,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
     for code, text in (
         (401, "No API key, an unknown key or a revoked key."),
+        (405, "The endpoint does not take this method."),
         (403, "The key lacks the scope this operation needs (named in the message)."),
         (404, "No such id in the key's team (another team's id answers the same)."),
         (413, "The request body is over 1 MiB."),
@@ -121,6 +123,17 @@ def error_response(status: int, code: str, message: str, field: str | None) -> J
     return JSONResponse(
         {"error": code, "message": message, "field": field}, status_code=status, headers=headers
     )
+
+
+def http_error_response(status: int) -> JSONResponse:
+    """Our error shape for the framework's own refusals (no route, wrong method, unreadable body)."""
+    if status == 400:  # FastAPI's answer to a body it cannot decode: invalid input like any other
+        return error_response(422, "invalid_input", "body: is not valid JSON (UTF-8)", "body")
+    if status == 404:
+        return error_response(404, "not_found", "no such endpoint; see /api/v1/openapi.json", None)
+    if status == 405:
+        return error_response(405, "method_not_allowed", "this endpoint does not take that method", None)
+    return error_response(status, "error", "the request could not be handled", None)
 
 
 def _field_of(loc: tuple[Any, ...]) -> str:
@@ -185,6 +198,10 @@ def build_rest_api(app: App) -> FastAPI:
             if isinstance(exc, cls):
                 return error_response(status, code, exc.message, getattr(exc, "field", None))
         return error_response(500, "internal", "unexpected error", None)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return http_error_response(exc.status_code)
 
     @api.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
