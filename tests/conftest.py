@@ -28,7 +28,7 @@ from sqlalchemy.engine import make_url
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import ApiKeyCreated, Principal, TeamPublic
-from justscan_mcp.store import normalise_url
+from justscan_mcp.store import Store, normalise_url
 
 READ_TOOLS = ["get_webhook", "list_deliveries", "list_webhooks"]
 WRITE_TOOLS = [
@@ -74,7 +74,7 @@ def pg_base_url() -> Iterator[str | None]:
     if not url:
         yield None
         return
-    admin = create_engine(normalise_url(url), isolation_level="AUTOCOMMIT")
+    admin = create_engine(normalise_url(url), isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"justscan_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         with admin.connect() as conn:
@@ -104,7 +104,12 @@ def _db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
-    return _db_url(request, tmp_path_factory)
+    url = _db_url(request, tmp_path_factory)
+    # What an operator does once per release (`justscan-mcp db upgrade`); SQLite would do it itself.
+    store = Store.from_url(url)
+    store.migrate()
+    store.close()
+    return url
 
 
 @pytest.fixture(scope="module")

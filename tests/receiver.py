@@ -47,7 +47,7 @@ def guide_verify(secret: str, raw_body: bytes, signature: str) -> None:
 
 
 class Receiver:
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.received: list[Received] = []
         self.secrets: dict[str, str] = {}
         self.script: dict[str, deque[Reply]] = {}
@@ -102,7 +102,7 @@ class Receiver:
             # deliveries (seen as 5 s timeouts); real servers listen with hundreds.
             request_queue_size = 1024
 
-        self.server = Server(("127.0.0.1", 0), Handler)
+        self.server = Server(("127.0.0.1", port), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -363,6 +363,25 @@ def cmd_redeliver(args: argparse.Namespace) -> None:
     _emit(args, copy, lambda d: f"queued delivery {d['id']} (redelivery of {d['redelivery_of']})")
 
 
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    from justscan_mcp.store import Store
+
+    store = Store.from_url(_settings(args).database_url)
+    try:
+        before, head = store.schema_revision()
+        store.migrate()
+    finally:
+        store.close()
+    _emit(
+        args,
+        {"from": before, "to": head},
+        lambda r: (
+            f"schema at {r['to']}"
+            + (f" (was {r['from'] or 'empty'})" if r["from"] != r["to"] else " (already current)")
+        ),
+    )
+
+
 # --- events, deliveries, worker ----------------------------------------------------------------
 
 
@@ -483,6 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow http:// and private webhook targets (development)",
     )
 
+    db = sub.add_parser("db", help="database schema").add_subparsers(
+        dest="db_command", required=True, metavar="ACTION"
+    )
+    add(db, "upgrade", cmd_db_upgrade, "apply schema migrations (run once per release on PostgreSQL)")
     add(
         sub, "worker", cmd_worker, "run the delivery dispatcher alone (scale-out)", json_flag=False
     ).add_argument(

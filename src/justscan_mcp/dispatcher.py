@@ -21,6 +21,7 @@ the same X-Webhook-Delivery / webhook-id, which receivers use to deduplicate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -38,7 +39,7 @@ from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, delivery_headers
-from justscan_mcp.store import AttemptResult, Claimed, Store
+from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, Store
 
 log = logging.getLogger("justscan_mcp.dispatcher")
 
@@ -75,6 +76,7 @@ class Dispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._backlog = False
         self._scheduler: Any = None
+        self._listener: asyncio.Task[None] | None = None
         self.sent = 0
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -99,6 +101,8 @@ class Dispatcher:
             asyncio.create_task(self._pump(), name="justscan-pump"),
             asyncio.create_task(self._writer(), name="justscan-writer"),
         ]
+        dsn = self.store.listen_dsn()
+        self._listener = asyncio.create_task(self._listen(dsn), name="justscan-listen") if dsn else None
         log.info("dispatcher %s started (max %d in flight)", self.worker_id, self.settings.max_in_flight)
         self.wake()
 
@@ -107,6 +111,10 @@ class Dispatcher:
         delivery timeout), save their attempts, then close."""
         self._stopping = True
         self._wake.set()
+        if self._listener is not None:
+            self._listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._listener
         pump, writer = self._tasks
         await pump
         if self._inflight:
@@ -132,6 +140,29 @@ class Dispatcher:
             self._wake.set()
         else:
             loop.call_soon_threadsafe(self._wake.set)
+
+    async def _listen(self, dsn: str) -> None:
+        """LISTEN for work recorded by other processes (PostgreSQL), reconnecting by itself; the
+        poll tick covers the moments without a listening connection."""
+        import psycopg
+
+        delay = 0.5
+        while not self._stopping:
+            try:
+                async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    if delay > 0.5:
+                        log.info("listening for new work again")
+                    delay = 0.5
+                    self._wake.set()  # anything recorded while we were not listening
+                    async for _ in conn.notifies():
+                        self._wake.set()
+            except (psycopg.Error, OSError) as exc:
+                log.warning(
+                    "LISTEN connection lost (%s); reconnecting in %.1fs", str(exc).splitlines()[0], delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
     async def _tick(self) -> None:
         self._wake.set()
@@ -164,7 +195,7 @@ class Dispatcher:
                 except StoreUnavailable as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc.message.splitlines()[0], delay)
                     await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, 10.0)
                     continue
                 for job in claimed:
                     task = asyncio.create_task(self._deliver(job))

@@ -16,12 +16,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, update
+from sqlalchemy import Engine, create_engine, delete, event, func, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
-from sqlmodel import Session, SQLModel, col, select
+from sqlmodel import Session, col, select
 
 from justscan_mcp.errors import Conflict, StoreUnavailable
 from justscan_mcp.models import (
@@ -37,6 +37,10 @@ from justscan_mcp.models import (
 from justscan_mcp.security import generate_instance_key
 
 log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK = 0x6A757374  # "just": one advisory-lock key for schema changes
+NOTIFY_CHANNEL = "justscan_deliveries"
 T = TypeVar("T")
 
 # last_used_at is informative; writing it on every call would turn each read into a write.
@@ -130,15 +134,70 @@ class Store:
         finally:
             _sqlite_begin.reset(mode)
 
-    def create_schema(self) -> None:
-        """Create missing tables (idempotent)."""
+    # --- schema -----------------------------------------------------------------------------
+
+    def _alembic(self, connection: Any) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent). Concurrent callers take turns:
+        PostgreSQL holds an advisory lock for the transaction, SQLite its write lock.
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        from alembic import command
+
+        token = _sqlite_begin.set("BEGIN IMMEDIATE")
         try:
-            SQLModel.metadata.create_all(self.engine)
-        except IntegrityError:
-            # Another process created the same tables at the same moment (PostgreSQL catalogue race).
-            SQLModel.metadata.create_all(self.engine)
+            with self.engine.begin() as connection:
+                if self.backend == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+                command.upgrade(self._alembic(connection), "head")
         except (OperationalError, SAInterfaceError) as exc:
             raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        finally:
+            _sqlite_begin.reset(token)
+
+    def schema_revision(self) -> tuple[str | None, str]:
+        """(the database's revision, the newest this code knows).
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic(None)).get_current_head()
+        assert head is not None
+        try:
+            with self.engine.connect() as connection:
+                current = MigrationContext.configure(connection).get_current_revision()
+        except (OperationalError, SAInterfaceError) as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        return current, head
+
+    def create_schema(self) -> None:
+        """Make the schema current: migrate SQLite (the embedded default), and on PostgreSQL
+        check that `justscan-mcp db upgrade` has been run.
+
+        Raises:
+            StoreUnavailable: unreachable, or (PostgreSQL) a schema that is not current.
+        """
+        if self.backend == "sqlite":
+            self.migrate()
+            return
+        current, head = self.schema_revision()
+        if current != head:
+            raise StoreUnavailable(
+                f"database schema is at revision {current or 'none'}, this version needs {head}: "
+                "run `justscan-mcp db upgrade`"
+            )
 
     def ping(self) -> None:
         """Raises: StoreUnavailable when the database does not answer."""
@@ -307,6 +366,7 @@ class Store:
             )
             s.add(copy)
             s.flush()
+            self._notify(s)
             return copy
 
     def delete_webhook(self, *, team_id: int, webhook_id: int) -> bool:
@@ -344,8 +404,22 @@ class Store:
                     first = self._add_event(s, team_id, "first_scan", first_payload, now)
                     deliveries += self._fan_out(s, hooks, first, now)
             s.flush()
+            if deliveries:
+                self._notify(s)
             assert scan.id is not None
             return scan.id, [d.id for d in deliveries if d.id is not None]
+
+    def _notify(self, s: Session) -> None:
+        """Tell dispatchers in other processes that work is due. NOTIFY is transactional: it is
+        delivered when this transaction commits, never for work that was rolled back."""
+        if self.backend == "postgresql":
+            s.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+    def listen_dsn(self) -> str | None:
+        """A libpq URL for a LISTEN connection (PostgreSQL only)."""
+        if self.backend != "postgresql":
+            return None
+        return self.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
 
     @staticmethod
     def _add_event(s: Session, team_id: int, name: str, payload: bytes, now: datetime) -> Event:
@@ -396,6 +470,7 @@ class Store:
         with self.session(write=True) as s:
             ev = self._add_event(s, webhook.team_id, "test", payload, now)
             (delivery,) = self._fan_out(s, [webhook], ev, now, is_test=True)
+            self._notify(s)
             assert delivery.id is not None
             return delivery.id
 

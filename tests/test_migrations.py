@@ -1,0 +1,114 @@
+"""Schema migrations: the models and the migrations agree, on both backends; upgrades are
+idempotent and safe to run concurrently; PostgreSQL servers wait for `db upgrade`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import uuid
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, text
+from sqlmodel import SQLModel
+
+from justscan_mcp.errors import StoreUnavailable
+from justscan_mcp.store import Store, normalise_url
+from tests.conftest import child_env
+
+
+def test_models_and_migrations_agree(db_url: str):
+    store = Store.from_url(db_url)
+    try:
+        store.migrate()
+        with store.engine.connect() as connection:
+            diff = compare_metadata(MigrationContext.configure(connection), SQLModel.metadata)
+        assert diff == [], f"models and migrations differ; add a revision: {diff}"
+        current, head = store.schema_revision()
+        assert current == head
+    finally:
+        store.close()
+
+
+@pytest.fixture
+def empty_db(db_url: str, tmp_path):
+    """A database with no schema at all, of the same backend."""
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    admin = create_engine(
+        normalise_url(db_url).rsplit("/", 1)[0] + "/postgres",
+        isolation_level="AUTOCOMMIT",
+        pool_pre_ping=True,
+    )
+    name = f"justscan_empty_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield normalise_url(db_url).rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_concurrent_upgrades_take_turns(empty_db: str):
+    errors: list[BaseException] = []
+
+    def upgrade() -> None:
+        store = Store.from_url(empty_db)
+        try:
+            store.migrate()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=upgrade) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store = Store.from_url(empty_db)
+    try:
+        current, head = store.schema_revision()
+        assert current == head
+    finally:
+        store.close()
+
+
+def test_db_upgrade_command_and_what_each_backend_does_without_it(empty_db: str):
+    store = Store.from_url(empty_db)
+    try:
+        if empty_db.startswith("sqlite"):
+            store.create_schema()  # the embedded default migrates itself
+            assert store.schema_revision()[0] is not None
+        else:
+            with pytest.raises(StoreUnavailable, match="db upgrade"):
+                store.create_schema()  # PostgreSQL waits for the operator
+    finally:
+        store.close()
+    proc = subprocess.run(
+        [sys.executable, "-m", "justscan_mcp", "db", "upgrade", "--json"],
+        env=child_env(empty_db),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "justscan_mcp", "db", "upgrade"],
+        env=child_env(empty_db),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 0 and "already current" in again.stdout
+    store = Store.from_url(empty_db)
+    try:
+        store.create_schema()
+    finally:
+        store.close()
