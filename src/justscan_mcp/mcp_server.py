@@ -86,6 +86,20 @@ class WebhookDeleted(BaseModel):
     webhook_id: int
 
 
+READING = ToolAnnotations(
+    read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
+)
+"""Annotations of every tool that only reads our own store."""
+
+Cursor = Annotated[
+    str | None,
+    Field(max_length=512, description="next_cursor from the previous page; omit for the first page."),
+]
+
+
+WebhookLimit = Annotated[int, Field(ge=1, le=LIST_LIMIT_MAX, description="Webhooks per page, 1 to 100.")]
+DeliveryLimit = Annotated[int, Field(ge=1, le=LIST_LIMIT_MAX, description="Deliveries per page, 1 to 100.")]
+
 WebhookId = Annotated[
     int, Field(ge=1, description="The webhook's id, as returned by create_webhook or list_webhooks.")
 ]
@@ -231,21 +245,11 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
 
     @server.tool(
         title="List webhooks",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=READING,
     )
     async def list_webhooks(
-        cursor: Annotated[
-            str | None,
-            Field(
-                max_length=512,
-                description="next_cursor from the previous page; omit for the first page.",
-            ),
-        ] = None,
-        limit: Annotated[
-            int, Field(ge=1, le=LIST_LIMIT_MAX, description="Webhooks per page, 1 to 100.")
-        ] = LIST_LIMIT_DEFAULT,
+        cursor: Cursor = None,
+        limit: WebhookLimit = LIST_LIMIT_DEFAULT,
     ) -> WebhookPage:
         """List your team's webhooks, oldest first, one page at a time (secrets are not shown).
 
@@ -285,9 +289,7 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
 
     @server.tool(
         title="List deliveries",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=READING,
     )
     async def list_deliveries(
         webhook_id: WebhookId,
@@ -295,13 +297,8 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
             DeliveryState | None,
             Field(description="Only deliveries in this state: pending, retrying, succeeded or failed."),
         ] = None,
-        cursor: Annotated[
-            str | None,
-            Field(max_length=512, description="next_cursor from the previous page; omit for the first page."),
-        ] = None,
-        limit: Annotated[
-            int, Field(ge=1, le=LIST_LIMIT_MAX, description="Deliveries per page, 1 to 100.")
-        ] = LIST_LIMIT_DEFAULT,
+        cursor: Cursor = None,
+        limit: DeliveryLimit = LIST_LIMIT_DEFAULT,
     ) -> DeliveryPage:
         """A webhook's delivery log, newest first: each delivery's event, state and next retry
         time, and every attempt with its time, duration, HTTP status code, response body (cut at
@@ -317,9 +314,7 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
 
     @server.tool(
         title="Get webhook",
-        annotations=ToolAnnotations(
-            read_only_hint=True, destructive_hint=False, idempotent_hint=True, open_world_hint=False
-        ),
+        annotations=READING,
     )
     async def get_webhook(webhook_id: WebhookId) -> WebhookPublic:
         """One of your team's webhooks: URL, events, description, whether it is active, and times.
