@@ -236,5 +236,9 @@ def spawn_server(
 
 @pytest.fixture(scope="module")
 def http_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer]:
-    with spawn_server(child_env(db_url), tmp_path_factory.mktemp("http") / "server.log") as server:
+    """The strict server (private targets refused). It runs no dispatcher: it must never send,
+    and a second dispatcher with other retry settings on the same database would race the one
+    a test configured for its deliveries."""
+    log = tmp_path_factory.mktemp("http") / "server.log"
+    with spawn_server(child_env(db_url), log, "--no-dispatcher") as server:
         yield server

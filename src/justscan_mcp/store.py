@@ -559,7 +559,10 @@ class Store:
                     )
                 )
                 if not changed.rowcount:  # type: ignore[attr-defined]
-                    log.warning("delivery %s: lease lost before its result was saved", r.delivery_id)
+                    if s.get(Delivery, r.delivery_id) is None:
+                        log.info("delivery %s was deleted with its webhook while it was sent", r.delivery_id)
+                    else:
+                        log.warning("delivery %s: lease lost before its result was saved", r.delivery_id)
                     continue
                 s.add(
                     DeliveryAttempt(

@@ -1,0 +1,639 @@
+"""Benchmarks with targets. One command runs them all and writes docs/performance.md.
+
+    .venv/bin/python bench/run.py            # full sizes
+    .venv/bin/python bench/run.py --quick    # small sizes, to check the harness
+
+PostgreSQL rows need JUSTSCAN_BENCH_DATABASE_URL (or JUSTSCAN_TEST_DATABASE_URL); a fresh
+database is created there for each measurement and dropped after. Every delivery goes to the
+benchmark receiver on 127.0.0.1, a separate process. These are figures, not tests: nothing here
+asserts; each row shows its target and whether it was met.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+CONCURRENCY = 64  # JUSTSCAN_MAX_IN_FLIGHT's default: limit and dispatcher send at the same concurrency
+
+rows: list[dict[str, str]] = []
+
+
+def row(name: str, figure: str, target: str, met: bool | None, note: str = "") -> None:
+    rows.append(
+        {
+            "name": name,
+            "figure": figure,
+            "target": target,
+            "met": {True: "yes", False: "**no**", None: "-"}[met],
+            "note": note,
+        }
+    )
+    print(f"  {name}: {figure}  (target {target}; met: {rows[-1]['met']}) {note}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception:
+            pass
+        time.sleep(0.02)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def env(db_url: str, **extra: str) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")}
+    return base | {"JUSTSCAN_DATABASE_URL": db_url, "JUSTSCAN_ALLOW_PRIVATE_TARGETS": "1"} | extra
+
+
+@contextmanager
+def process(args: list[str], environ: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(args, env=environ, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
+def receiver(tmp: Path) -> Iterator[str]:
+    port = free_port()
+    with process(
+        [PY, str(ROOT / "bench" / "receiver.py"), str(port)], dict(os.environ), tmp / "receiver.log"
+    ):
+        base = f"http://127.0.0.1:{port}"
+        wait(lambda: httpx.get(f"{base}/stats").status_code == 200, 20, "receiver")
+        yield base
+
+
+def stats(base: str) -> dict[str, Any]:
+    return httpx.get(f"{base}/stats", timeout=30).json()
+
+
+@contextmanager
+def database(kind: str, tmp: Path) -> Iterator[str | None]:
+    """A fresh SQLite file, or a fresh PostgreSQL database (None when none is configured)."""
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / f'bench-{uuid.uuid4().hex[:6]}.db'}"
+        return
+    base = os.environ.get("JUSTSCAN_BENCH_DATABASE_URL") or os.environ.get("JUSTSCAN_TEST_DATABASE_URL")
+    if not base:
+        yield None
+        return
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    from justscan_mcp.store import normalise_url
+
+    admin = create_engine(normalise_url(base), isolation_level="AUTOCOMMIT", pool_pre_ping=True)
+    name = f"justscan_bench_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as c:
+        c.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(normalise_url(base)).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as c:
+            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def make_app(db_url: str) -> Any:
+    from justscan_mcp.app import App
+    from justscan_mcp.config import Settings
+
+    app = App.build(Settings(database_url=db_url, allow_private_targets=True))
+    app.store.migrate()
+    app.prepare()
+    return app
+
+
+def setup_team(
+    app: Any, hook_url: str, n_hooks: int = 1, events: tuple[str, ...] = ("scan",)
+) -> tuple[Any, Any, list[int]]:
+    team = app.service.create_team(name=f"bench-{uuid.uuid4().hex[:8]}")
+    key = app.service.create_api_key(
+        team_id=team.id, scopes=["webhooks:read", "webhooks:write", "events:write"]
+    )
+    principal = app.service.authenticate(key.key)
+    ids = [
+        app.service.create_webhook(principal=principal, url=hook_url, events=list(events)).id
+        for _ in range(n_hooks)
+    ]
+    return team, key, ids
+
+
+def record(app: Any, team_id: int, n: int, start: int = 0) -> None:
+    for i in range(start, start + n):
+        app.service.emit_event(team_id=team_id, event="scan", data={"qr_code_id": 1, "scan_id": i})
+
+
+# --- 1. throughput ----------------------------------------------------------------------------
+
+
+async def bare_limit(hook_url: str, n: int) -> None:
+    """A bare aiohttp client posting signed bodies like the dispatcher's, no database."""
+    import aiohttp
+
+    from justscan_mcp.sender import delivery_headers
+
+    body = json.dumps(
+        {
+            "event": "scan",
+            "timestamp": datetime.now(UTC).isoformat(),
+            "data": {"qr_code_id": 1, "scan_id": 1},
+        },
+        separators=(",", ":"),
+    ).encode()
+    secret = "whsec_" + "A" * 43 + "="
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as session:
+
+        async def one() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                headers = delivery_headers(
+                    secrets=[secret], delivery_id=i, event="scan", body=body, timestamp=int(time.time())
+                )
+                async with session.post(hook_url, data=body, headers=headers) as resp:
+                    await resp.read()
+
+        await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+
+
+def measured_rate(base: str, n: int, timeout: float) -> float:
+    wait(lambda: stats(base)["count"] >= n, timeout, f"{n} arrivals")
+    s = stats(base)
+    return (n - 1) / max(s["last"] - s["first"], 1e-6)
+
+
+def throughput(tmp: Path, quick: bool) -> None:
+    n = 2000 if quick else 10_000
+    with receiver(tmp) as rbase:
+        hook = f"{rbase}/hook"
+        httpx.post(f"{rbase}/reset")
+        asyncio.run(bare_limit(hook, n))
+        limit = measured_rate(rbase, n, 120)
+        row("bare aiohttp limit (64 in flight, no database)", f"{limit:,.0f} posts/s", "reference", None)
+        for kind in ("sqlite", "postgresql"):
+            for workers in (1, 2):
+                with database(kind, tmp) as url:
+                    if url is None:
+                        row(
+                            f"throughput {kind}, {workers} dispatcher(s)",
+                            "not run",
+                            "-",
+                            None,
+                            "no PostgreSQL configured",
+                        )
+                        continue
+                    app = make_app(url)
+                    team, _key, _ids = setup_team(app, hook)
+                    record(app, team.id, n)
+                    app.close()
+                    httpx.post(f"{rbase}/reset")
+                    procs = [
+                        process(
+                            [PY, "-m", "justscan_mcp", "worker"],
+                            env(url),
+                            tmp / f"w-{kind}-{workers}-{i}.log",
+                        )
+                        for i in range(workers)
+                    ]
+                    for p in procs:
+                        p.__enter__()
+                    try:
+                        rate = measured_rate(rbase, n, 600)
+                    finally:
+                        for p in procs:
+                            p.__exit__(None, None, None)
+                    ratio = rate / limit
+                    target = "≥ 0.35 of the limit" if (kind, workers) == ("sqlite", 1) else "reported"
+                    met = ratio >= 0.35 if (kind, workers) == ("sqlite", 1) else None
+                    row(
+                        f"throughput {kind}, {workers} dispatcher process(es)",
+                        f"{rate:,.0f} deliveries/s ({ratio:.2f} of limit)",
+                        target,
+                        met,
+                        f"{n:,} events, counted at the receiver",
+                    )
+
+
+# --- 2. latency -------------------------------------------------------------------------------
+
+
+def latency(tmp: Path, quick: bool) -> None:
+    n = 50 if quick else 300
+    with receiver(tmp) as rbase:
+        for kind in ("sqlite", "postgresql"):
+            with database(kind, tmp) as url:
+                if url is None:
+                    row(f"latency {kind}", "not run", "-", None, "no PostgreSQL configured")
+                    continue
+                app = make_app(url)
+                _team, key, _ids = setup_team(app, f"{rbase}/hook")
+                app.close()
+                port = free_port()
+                with process(
+                    [PY, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+                    env(url),
+                    tmp / f"lat-{kind}.log",
+                ):
+                    base = f"http://127.0.0.1:{port}"
+                    wait(lambda b=base: httpx.get(f"{b}/healthz").status_code == 200, 60, "server")
+                    httpx.post(f"{rbase}/reset")
+                    sent: dict[str, float] = {}
+                    with httpx.Client(headers={"Authorization": f"Bearer {key.key}"}) as client:
+                        for i in range(n):
+                            t0 = time.time()
+                            r = client.post(
+                                f"{base}/api/v1/events",
+                                json={"event": "scan", "data": {"qr_code_id": 1, "scan_id": i}},
+                            )
+                            for d in r.json()["deliveries"]:
+                                sent[str(d)] = t0
+                            time.sleep(0.02)  # light load: one event at a time
+                    wait(lambda: stats(rbase)["count"] >= n, 60, "latency arrivals")
+                    arrivals = httpx.get(f"{rbase}/arrivals").json()
+                    ms = [(arrivals[d] - t0) * 1000 for d, t0 in sent.items() if d in arrivals]
+                    p50, p99 = pct(ms, 50), pct(ms, 99)
+                    row(
+                        f"record → arrival latency, {kind}",
+                        f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                        "p50 ≤ 20 ms, p99 ≤ 100 ms",
+                        p50 <= 20 and p99 <= 100,
+                        f"{n} events via POST /api/v1/events, dispatcher in the server",
+                    )
+
+
+# --- 3. MCP call latency ----------------------------------------------------------------------
+
+
+async def mcp_calls(client: Any, calls: int) -> tuple[list[float], list[float]]:
+    listed, created = [], []
+    for _ in range(calls):
+        t = time.perf_counter()
+        r = await client.call_tool("list_webhooks", {"limit": 50})
+        listed.append((time.perf_counter() - t) * 1000)
+        assert not r.is_error
+    for i in range(calls // 2):
+        t = time.perf_counter()
+        r = await client.call_tool(
+            "create_webhook", {"url": f"https://93.184.216.34/h{i}", "events": ["scan"]}
+        )
+        created.append((time.perf_counter() - t) * 1000)
+        assert not r.is_error
+    return listed, created
+
+
+def mcp_latency(tmp: Path, quick: bool) -> None:
+    import httpx2
+    from mcp import Client, StdioServerParameters
+    from mcp.client.streamable_http import streamable_http_client
+
+    calls = 40 if quick else 200
+    url = f"sqlite:///{tmp / 'mcp.db'}"
+    app = make_app(url)
+    _team, key, _ = setup_team(app, "https://93.184.216.34/hook", n_hooks=1000)
+    app.close()
+    stdio_env = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")} | {
+        "JUSTSCAN_DATABASE_URL": url,
+        "JUSTSCAN_API_KEY": key.key,
+    }
+
+    async def over_stdio() -> tuple[list[float], list[float]]:
+        params = StdioServerParameters(
+            command=PY, args=["-m", "justscan_mcp", "serve", "--no-dispatcher"], env=stdio_env
+        )
+        async with Client(params) as c:
+            await mcp_calls(c, 10)  # warm up
+            return await mcp_calls(c, calls)
+
+    listed, created = asyncio.run(over_stdio())
+    row(
+        "MCP list_webhooks (50 of 1,000) over stdio",
+        f"p50 {pct(listed, 50):.1f} ms, p99 {pct(listed, 99):.1f} ms",
+        "p50 ≤ 10 ms",
+        pct(listed, 50) <= 10,
+    )
+    row(
+        "MCP create_webhook over stdio",
+        f"p50 {pct(created, 50):.1f} ms, p99 {pct(created, 99):.1f} ms",
+        "p50 ≤ 10 ms",
+        pct(created, 50) <= 10,
+    )
+
+    port = free_port()
+    with process(
+        [PY, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port), "--no-dispatcher"],
+        env(url),
+        tmp / "mcp-http.log",
+    ):
+        base = f"http://127.0.0.1:{port}"
+        wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "server")
+
+        async def over_http() -> tuple[list[float], list[float]]:
+            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key.key}"}, timeout=30)
+            async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
+                await mcp_calls(c, 10)
+                return await mcp_calls(c, calls)
+
+        listed, created = asyncio.run(over_http())
+    row(
+        "MCP list_webhooks (50 of 1,000) over streamable HTTP",
+        f"p50 {pct(listed, 50):.1f} ms, p99 {pct(listed, 99):.1f} ms",
+        "p50 ≤ 15 ms",
+        pct(listed, 50) <= 15,
+    )
+    row(
+        "MCP create_webhook over streamable HTTP",
+        f"p50 {pct(created, 50):.1f} ms, p99 {pct(created, 99):.1f} ms",
+        "p50 ≤ 15 ms",
+        pct(created, 50) <= 15,
+    )
+
+
+# --- 4. cold start ----------------------------------------------------------------------------
+
+
+def cold_start(tmp: Path, quick: bool) -> None:
+    runs = 3 if quick else 7
+    url = f"sqlite:///{tmp / 'cold.db'}"
+    app = make_app(url)
+    _team, key, _ = setup_team(app, "https://93.184.216.34/hook")
+    app.close()
+    init = (
+        json.dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 1,
+                "method": "initialize",
+                "params": {
+                    "protocolVersion": "2025-06-18",
+                    "capabilities": {},
+                    "clientInfo": {"name": "bench", "version": "1"},
+                },
+            }
+        )
+        + "\n"
+    )
+    stdio_env = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")} | {
+        "JUSTSCAN_DATABASE_URL": url,
+        "JUSTSCAN_API_KEY": key.key,
+    }
+    bare, ours = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        subprocess.run([PY, "-c", "import mcp.server"], check=True)
+        bare.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        proc = subprocess.Popen(
+            [PY, "-m", "justscan_mcp", "serve"],
+            env=stdio_env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdin and proc.stdout
+        proc.stdin.write(init.encode())
+        proc.stdin.flush()
+        line = proc.stdout.readline()
+        ours.append(time.perf_counter() - t)
+        assert b'"result"' in line, line
+        proc.terminate()
+        proc.wait(timeout=10)
+    b, o = statistics.median(bare), statistics.median(ours)
+    row(
+        "stdio cold start: launch → initialize reply",
+        f"{o * 1000:.0f} ms vs bare `import mcp.server` {b * 1000:.0f} ms ({o / b:.2f}×)",
+        "≤ 1.3× the bare import",
+        o / b <= 1.3,
+        f"median of {runs}",
+    )
+
+
+# --- 5. memory --------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def memory(tmp: Path, quick: bool) -> None:
+    n = 5000 if quick else 100_000
+    url = f"sqlite:///{tmp / 'mem.db'}"
+    with receiver(tmp) as rbase:
+        app = make_app(url)
+        team, _key, _ = setup_team(app, f"{rbase}/hook")
+        port = free_port()
+        with process(
+            [PY, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
+            env(url),
+            tmp / "mem.log",
+        ) as proc:
+            wait(lambda: httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200, 60, "server")
+            time.sleep(2)
+            idle = rss_mb(proc.pid)
+            httpx.post(f"{rbase}/reset")
+            step = 5000
+            for start in range(0, n, step):
+                record(app, team.id, min(step, n - start), start)
+                wait(lambda s=start: stats(rbase)["count"] >= s + min(step, n - s), 600, "deliveries")
+            time.sleep(2)
+            after = rss_mb(proc.pid)
+        app.close()
+    row("RSS of an idle `serve --transport http`", f"{idle:.0f} MB", "≤ 150 MB", idle <= 150)
+    growth = (after - idle) / idle
+    row(f"RSS after {n:,} deliveries", f"{after:.0f} MB ({growth:+.0%})", "growth ≤ 20%", growth <= 0.20)
+
+
+# --- 6. list_deliveries on a big table ---------------------------------------------------------
+
+
+def fill_deliveries(app: Any, team_id: int, webhook_id: int, n: int) -> None:
+    """Insert n delivery rows (and one event) directly: the table size is the point here."""
+    from sqlalchemy import insert
+
+    from justscan_mcp.models import Delivery, Event
+
+    now = datetime.now(UTC)
+    with app.store.session() as s:
+        ev = Event(team_id=team_id, name="scan", payload="{}", created_at=now)
+        s.add(ev)
+        s.flush()
+        batch = 20_000
+        for start in range(0, n, batch):
+            s.execute(
+                insert(Delivery),
+                [
+                    {
+                        "team_id": team_id,
+                        "webhook_id": webhook_id,
+                        "event_id": ev.id,
+                        "event": "scan",
+                        "state": "succeeded",
+                        "is_test": False,
+                        "attempt_count": 1,
+                        "created_at": now,
+                        "updated_at": now,
+                    }
+                    for _ in range(min(batch, n - start))
+                ],
+            )
+
+
+def big_log(tmp: Path, quick: bool) -> None:
+    n = 50_000 if quick else 1_000_000
+    calls = 50 if quick else 200
+    for kind in ("sqlite", "postgresql"):
+        with database(kind, tmp) as url:
+            if url is None:
+                row(
+                    f"list_deliveries over {n:,} rows, {kind}",
+                    "not run",
+                    "-",
+                    None,
+                    "no PostgreSQL configured",
+                )
+                continue
+            app = make_app(url)
+            team, key, (hook,) = setup_team(app, "https://93.184.216.34/hook")
+            _t2, _k2, (other,) = setup_team(app, "https://93.184.216.34/other")
+            t = time.perf_counter()
+            fill_deliveries(app, team.id, hook, n // 2)
+            fill_deliveries(app, _t2.id, other, n - n // 2)
+            filled = time.perf_counter() - t
+            if kind == "postgresql":
+                with app.store.engine.connect() as c:
+                    from sqlalchemy import text
+
+                    c.execute(text("ANALYZE deliveries"))
+                    c.commit()
+            principal = app.service.authenticate(key.key)
+            times, cursor_times = [], []
+            page = app.service.list_deliveries(principal=principal, webhook_id=hook, limit=20)
+            for _ in range(calls):
+                t = time.perf_counter()
+                page = app.service.list_deliveries(principal=principal, webhook_id=hook, limit=20)
+                times.append((time.perf_counter() - t) * 1000)
+            cursor = page.next_cursor
+            for _ in range(calls):
+                t = time.perf_counter()
+                app.service.list_deliveries(principal=principal, webhook_id=hook, limit=20, cursor=cursor)
+                cursor_times.append((time.perf_counter() - t) * 1000)
+            app.close()
+            p50 = pct(times, 50)
+            row(
+                f"list_deliveries (20 newest) with {n:,} rows in the table, {kind}",
+                f"p50 {p50:.2f} ms (next page {pct(cursor_times, 50):.2f} ms)",
+                "p50 ≤ 20 ms",
+                p50 <= 20,
+                f"filled in {filled:.0f} s",
+            )
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "?"
+    with suppress(OSError, ValueError):
+        mem = f"{int(Path('/proc/meminfo').read_text().split()[1]) / 1024 / 1024:.0f} GiB"
+    return f"{os.cpu_count()} cores ({cpu}), {mem} RAM, {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def write_report(path: Path, quick: bool) -> None:
+    lines = [
+        "# Performance",
+        "",
+        f"Measured by `bench/run.py{' --quick' if quick else ''}` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, on {machine()}.",
+        "Every delivery is counted at a receiver in a separate process on 127.0.0.1. Re-run the",
+        "command to refresh this file; the figures are whatever the machine gave that day.",
+        "",
+        "| measurement | figure | target | met | notes |",
+        "|---|---|---|---|---|",
+        *[f"| {r['name']} | {r['figure']} | {r['target']} | {r['met']} | {r['note']} |" for r in rows],
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    print(f"wrote {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness")
+    parser.add_argument("--only", help="comma-separated: throughput,latency,mcp,cold,memory,biglog")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    args = parser.parse_args()
+    chosen = set((args.only or "throughput,latency,mcp,cold,memory,biglog").split(","))
+    steps = [
+        ("throughput", throughput),
+        ("latency", latency),
+        ("mcp", mcp_latency),
+        ("cold", cold_start),
+        ("memory", memory),
+        ("biglog", big_log),
+    ]
+    with tempfile.TemporaryDirectory(prefix="justscan-bench-") as tmp:
+        for name, step in steps:
+            if name in chosen:
+                print(f"== {name}", flush=True)
+                step(Path(tmp), args.quick)
+    write_report(Path(args.out), args.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
