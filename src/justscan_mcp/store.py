@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, delete, event, func, or_, text, update
+from sqlalchemy import Engine, Table, bindparam, create_engine, delete, event, func, insert, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -32,6 +32,7 @@ from justscan_mcp.models import (
     FirstScan,
     InstanceSecret,
     Team,
+    UTCDateTime,
     Webhook,
 )
 from justscan_mcp.security import generate_instance_key
@@ -482,103 +483,146 @@ class Store:
         FOR UPDATE SKIP LOCKED so concurrent claimers take disjoint sets without waiting; SQLite
         runs the whole UPDATE under its single write lock.
         """
+        deliveries: Table = Delivery.__table__  # type: ignore[attr-defined]
+        webhooks: Table = Webhook.__table__  # type: ignore[attr-defined]
+        events: Table = Event.__table__  # type: ignore[attr-defined]
         due = (
-            select(Delivery.id)
-            .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
-            .where(col(Webhook.active))
-            .where(col(Delivery.state).in_(("pending", "retrying")))
-            .where(col(Delivery.next_attempt_at) <= now)
-            .where(or_(col(Delivery.lease_expires_at).is_(None), col(Delivery.lease_expires_at) < now))
-            .order_by(col(Delivery.next_attempt_at), col(Delivery.id))
+            sa_select(deliveries.c.id)
+            .join(webhooks, webhooks.c.id == deliveries.c.webhook_id)
+            .where(webhooks.c.active)
+            .where(deliveries.c.state.in_(("pending", "retrying")))
+            .where(deliveries.c.next_attempt_at <= now)
+            .where(or_(deliveries.c.lease_expires_at.is_(None), deliveries.c.lease_expires_at < now))
+            .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
             .limit(limit)
         )
         if self.backend == "postgresql":
-            due = due.with_for_update(of=Delivery, skip_locked=True)
+            due = due.with_for_update(of=deliveries, skip_locked=True)
         with self.session() as s:
+            conn = s.connection()
             ids = list(
-                s.execute(
-                    update(Delivery)
-                    .where(col(Delivery.id).in_(due.scalar_subquery()))
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_(due.scalar_subquery()))
                     .values(lease_owner=worker, lease_expires_at=lease_until)
-                    .returning(col(Delivery.id))
-                )
-                .scalars()
-                .all()
+                    .returning(deliveries.c.id)
+                ).scalars()
             )
             if not ids:
                 return []
-            rows = s.execute(
+            rows = conn.execute(
                 sa_select(
-                    Delivery,
-                    col(Webhook.url),
-                    col(Webhook.secret),
-                    col(Webhook.previous_secret),
-                    col(Webhook.previous_secret_expires_at),
-                    col(Event.payload),
+                    deliveries.c.id,
+                    deliveries.c.webhook_id,
+                    deliveries.c.event,
+                    deliveries.c.is_test,
+                    deliveries.c.attempt_count,
+                    webhooks.c.url,
+                    webhooks.c.secret,
+                    webhooks.c.previous_secret,
+                    webhooks.c.previous_secret_expires_at,
+                    events.c.payload,
                 )
-                .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
-                .join(Event, col(Event.id) == col(Delivery.event_id))
-                .where(col(Delivery.id).in_(ids))
-                .order_by(col(Delivery.id))
+                .join(webhooks, webhooks.c.id == deliveries.c.webhook_id)
+                .join(events, events.c.id == deliveries.c.event_id)
+                .where(deliveries.c.id.in_(ids))
+                .order_by(deliveries.c.id)
             ).all()
             return [
                 Claimed(
-                    delivery_id=d.id,
-                    webhook_id=d.webhook_id,
-                    event=d.event,
-                    is_test=d.is_test,
-                    attempt_number=d.attempt_count + 1,
-                    url=url,
-                    secrets=(secret,) if not previous or not until or until <= now else (secret, previous),
-                    payload=payload.encode("utf-8"),
+                    delivery_id=r.id,
+                    webhook_id=r.webhook_id,
+                    event=r.event,
+                    is_test=r.is_test,
+                    attempt_number=r.attempt_count + 1,
+                    url=r.url,
+                    secrets=(r.secret,)
+                    if not r.previous_secret
+                    or not r.previous_secret_expires_at
+                    or r.previous_secret_expires_at <= now
+                    else (r.secret, r.previous_secret),
+                    payload=r.payload.encode("utf-8"),
                 )
-                for d, url, secret, previous, until, payload in rows
+                for r in rows
             ]
 
     def complete(self, *, worker: str, results: Sequence[AttemptResult], now: datetime) -> list[int]:
         """Log attempts and move their deliveries on, in one transaction.
 
-        A result is applied only while `worker` still holds the delivery's lease (compare and
-        set on the owner): a process whose lease was taken over never overwrites the new owner.
+        A result is applied only while `worker` still holds the delivery's lease: a process whose
+        lease was taken over never overwrites the new owner. Three statements per batch (find and
+        lock what is still ours, one executemany UPDATE, one bulk INSERT): this is the
+        dispatcher's hottest write, and per-row ORM work here was half of a worker's time.
         Returns the ids whose results were applied.
         """
-        applied: list[int] = []
+        if not results:
+            return []
+        deliveries: Table = Delivery.__table__  # type: ignore[attr-defined]
+        attempts: Table = DeliveryAttempt.__table__  # type: ignore[attr-defined]
+        ids = [r.delivery_id for r in results]
         with self.session(write=True) as s:
+            conn = s.connection()
+            owned_q = (
+                sa_select(deliveries.c.id)
+                .where(deliveries.c.id.in_(ids))
+                .where(deliveries.c.lease_owner == worker)
+            )
+            if self.backend == "postgresql":
+                owned_q = owned_q.with_for_update()
+            owned = set(conn.execute(owned_q).scalars())
+            mine = [r for r in results if r.delivery_id in owned]
             for r in results:
-                changed = s.execute(
-                    update(Delivery)
-                    .where(col(Delivery.id) == r.delivery_id)
-                    .where(col(Delivery.lease_owner) == worker)
-                    .values(
-                        state=r.state,
-                        attempt_count=r.number,
-                        next_attempt_at=r.next_attempt_at,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=now,
-                    )
-                )
-                if not changed.rowcount:  # type: ignore[attr-defined]
-                    if s.get(Delivery, r.delivery_id) is None:
+                if r.delivery_id not in owned:
+                    if (
+                        conn.execute(
+                            sa_select(deliveries.c.id).where(deliveries.c.id == r.delivery_id)
+                        ).first()
+                        is None
+                    ):
                         log.info("delivery %s was deleted with its webhook while it was sent", r.delivery_id)
                     else:
                         log.warning("delivery %s: lease lost before its result was saved", r.delivery_id)
-                    continue
-                s.add(
-                    DeliveryAttempt(
-                        delivery_id=r.delivery_id,
-                        number=r.number,
-                        worker=worker,
-                        started_at=r.started_at,
-                        duration_ms=r.duration_ms,
-                        status_code=r.status_code,
-                        response_body=r.response_body,
-                        error=r.error,
-                        next_retry_at=r.next_attempt_at,
-                    )
-                )
-                applied.append(r.delivery_id)
-        return applied
+            if not mine:
+                return []
+            conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == bindparam("b_id"))
+                .values(
+                    state=bindparam("b_state"),
+                    attempt_count=bindparam("b_number"),
+                    next_attempt_at=bindparam("b_next", type_=UTCDateTime()),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                ),
+                [
+                    {
+                        "b_id": r.delivery_id,
+                        "b_state": r.state,
+                        "b_number": r.number,
+                        "b_next": r.next_attempt_at,
+                    }
+                    for r in mine
+                ],
+            )
+            conn.execute(
+                insert(attempts),
+                [
+                    {
+                        "delivery_id": r.delivery_id,
+                        "number": r.number,
+                        "worker": worker,
+                        "started_at": r.started_at,
+                        "duration_ms": r.duration_ms,
+                        "status_code": r.status_code,
+                        "response_body": r.response_body,
+                        "error": r.error,
+                        "next_retry_at": r.next_attempt_at,
+                    }
+                    for r in mine
+                ],
+            )
+            return [r.delivery_id for r in mine]
 
     def release(self, *, worker: str, delivery_ids: Sequence[int]) -> None:
         """Give leases back without an attempt (graceful stop before a send began)."""
