@@ -19,6 +19,16 @@ from justscan_mcp.store import Store, normalise_url
 from tests.conftest import child_env
 
 
+def test_head_constant_is_alembics_head(db_url: str):
+    from justscan_mcp.migrations import HEAD
+
+    store = Store.from_url(db_url)
+    try:
+        assert store.schema_revision() == (HEAD, HEAD)
+    finally:
+        store.close()
+
+
 def test_models_and_migrations_agree(db_url: str):
     store = Store.from_url(db_url)
     try:

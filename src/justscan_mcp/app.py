@@ -10,12 +10,14 @@ resources (the engine, later the dispatcher) must exist once per process.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -100,16 +102,17 @@ class App:
         behind a database that does not answer.
         """
 
-        from justscan_mcp.dispatcher import Dispatcher
-
-        running: Dispatcher | None = None
+        running: Any = None
 
         async def become_ready() -> None:
             nonlocal running
             await self.wait_until_ready()
             self._ready.set()
             if dispatcher:
-                running = Dispatcher(self.store, self.settings)
+                # Imported in a thread: aiohttp and APScheduler take ~0.2 s to import, and on the
+                # event loop that would delay the MCP client's initialize reply.
+                module = await anyio.to_thread.run_sync(importlib.import_module, "justscan_mcp.dispatcher")
+                running = module.Dispatcher(self.store, self.settings)
                 await running.start()
                 self.service.on_recorded = running.wake
 

@@ -50,7 +50,7 @@ from justscan_mcp.security import (
     hash_api_key,
     looks_like_api_key,
 )
-from justscan_mcp.store import Store
+from justscan_mcp.store import LAST_USED_RESOLUTION, Store
 from justscan_mcp.targets import Resolver, system_resolver, validate_webhook_url
 
 UPDATABLE = frozenset({"url", "events", "description", "active"})
@@ -290,7 +290,11 @@ class Service:
         if key.revoked_at is not None:
             raise Unauthenticated(f"API key {key.prefix}... was revoked")
         assert key.id is not None
-        self.store.touch_api_key(key.id, now=self.clock())
+        now = self.clock()
+        # last_used_at is informative (one-minute resolution): skip the write while it is fresh,
+        # so an authenticated read stays a read.
+        if key.last_used_at is None or now - key.last_used_at >= LAST_USED_RESOLUTION:
+            self.store.touch_api_key(key.id, now=now)
         return _principal(key)
 
     def operator(self, *, team_id: Any) -> Principal:

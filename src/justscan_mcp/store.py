@@ -19,11 +19,12 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine, Table, bindparam, create_engine, delete, event, func, insert, or_, text, update
 from sqlalchemy import select as sa_select
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlmodel import Session, col, select
 
 from justscan_mcp.errors import Conflict, StoreUnavailable
+from justscan_mcp.migrations import HEAD
 from justscan_mcp.models import (
     ApiKey,
     Delivery,
@@ -165,6 +166,22 @@ class Store:
         finally:
             _sqlite_begin.reset(token)
 
+    def _stored_revision(self) -> str | None:
+        """The revision recorded in alembic_version, or None when there is none yet.
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        try:
+            with self.engine.connect() as connection:
+                return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, SAInterfaceError) as exc:
+            if isinstance(exc, OperationalError) and "alembic_version" in str(exc.orig):
+                return None  # SQLite: no such table yet
+            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        except ProgrammingError:
+            return None  # PostgreSQL: relation does not exist yet
+
     def schema_revision(self) -> tuple[str | None, str]:
         """(the database's revision, the newest this code knows).
 
@@ -190,6 +207,8 @@ class Store:
         Raises:
             StoreUnavailable: unreachable, or (PostgreSQL) a schema that is not current.
         """
+        if self._stored_revision() == HEAD:
+            return  # current: no need to load Alembic (it costs a fifth of a cold start)
         if self.backend == "sqlite":
             self.migrate()
             return
