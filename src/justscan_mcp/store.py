@@ -327,9 +327,11 @@ class Store:
         with self.session() as s:
             return s.exec(
                 select(Webhook)
-                .where(Webhook.team_id == team_id)
+                # A range, not `=`, for the same planner reason as in list_deliveries.
+                .where(col(Webhook.team_id) >= team_id)
+                .where(col(Webhook.team_id) <= team_id)
                 .where(col(Webhook.id) > after_id)
-                .order_by(col(Webhook.id))
+                .order_by(col(Webhook.team_id), col(Webhook.id))
                 .limit(limit)
             ).all()
 
@@ -676,12 +678,23 @@ class Store:
     ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         """A webhook's deliveries, newest first (keyset on id), each with its attempts."""
         with self.session() as s:
-            q = select(Delivery).where(Delivery.webhook_id == webhook_id)
+            # The webhook filter is written as a range on purpose. With `webhook_id = X`, PostgreSQL
+            # treats webhook_id as a constant, and ORDER BY id may then walk the primary key
+            # backwards and filter, scanning every newer row of other webhooks first (~50 ms at 1M
+            # rows, also the max() form). A range keeps (webhook_id, id) a real ordering that only
+            # the composite index provides: 0.04 ms.
+            q = (
+                select(Delivery)
+                .where(col(Delivery.webhook_id) >= webhook_id)
+                .where(col(Delivery.webhook_id) <= webhook_id)
+            )
             if before_id is not None:
                 q = q.where(col(Delivery.id) < before_id)
             if state is not None:
                 q = q.where(Delivery.state == state)
-            rows = s.exec(q.order_by(col(Delivery.id).desc()).limit(limit)).all()
+            rows = s.exec(
+                q.order_by(col(Delivery.webhook_id).desc(), col(Delivery.id).desc()).limit(limit)
+            ).all()
             by_delivery: dict[int, list[DeliveryAttempt]] = {d.id: [] for d in rows if d.id is not None}
             if by_delivery:
                 for a in s.exec(
