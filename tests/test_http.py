@@ -14,6 +14,7 @@ from mcp import Client, MCPError
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
+from justscan_mcp.errors import StoreUnavailable
 from tests.conftest import (
     ALL_TOOLS,
     PUBLIC_URL,
@@ -204,6 +205,13 @@ def test_server_started_while_database_is_down_waits_then_recovers(db_url: str, 
                 lambda: httpx.get(f"{server.base}/healthz", timeout=2).status_code == 503, what="503 health"
             )
             assert post_init(server, {}).status_code == 503
+            # A REST client sees the public sentence, never the driver's words (host, port).
+            rest = httpx.get(
+                f"{server.base}/api/v1/webhooks", headers={"Authorization": "Bearer jsi_" + "x" * 43}
+            )
+            assert rest.status_code == 503
+            assert rest.json()["message"] == StoreUnavailable.PUBLIC
+            assert str(gap) not in rest.text and "connection" not in rest.text.lower()
             proxy.start()
             wait_for(
                 lambda: httpx.get(f"{server.base}/healthz", timeout=2).status_code == 200,

@@ -89,4 +89,10 @@ class ConfigError(JustScanError):
 
 
 class StoreUnavailable(JustScanError):
-    """The database cannot be reached right now."""
+    """The database cannot be reached right now.
+
+    `message` carries the driver's words (host, port) for logs and the operator's CLI; clients
+    get `PUBLIC` instead.
+    """
+
+    PUBLIC = "the webhook store is temporarily unavailable; try again in a moment"

@@ -83,9 +83,7 @@ class BearerKeyAuth:
             await self.app(scope, receive, send)
             return
         if not self.justscan.ready:
-            await _json(503, "unavailable", "the webhook store is not reachable yet; try again shortly")(
-                scope, receive, send
-            )
+            await _json(503, "unavailable", StoreUnavailable.PUBLIC)(scope, receive, send)
             return
         header = ""
         for name, value in scope.get("headers", []):
@@ -111,9 +109,7 @@ class BearerKeyAuth:
             await _json(403, "mcp_disabled", exc.message)(scope, receive, send)
             return
         except StoreUnavailable:
-            await _json(503, "unavailable", "the webhook store is temporarily unavailable")(
-                scope, receive, send
-            )
+            await _json(503, "unavailable", StoreUnavailable.PUBLIC)(scope, receive, send)
             return
         # The AccessToken never carries the key itself: only its id, so nothing secret can leak from it.
         ident = f"key-{principal.key_id}"

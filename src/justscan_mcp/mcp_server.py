@@ -15,7 +15,6 @@ import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, TypeVar
 
-import anyio
 import anyio.to_thread
 from mcp import MCPError
 from mcp.server import MCPServer
@@ -27,7 +26,7 @@ from pydantic import BaseModel, Field
 
 from justscan_mcp import __version__
 from justscan_mcp.app import App
-from justscan_mcp.errors import AuthError, JustScanError, NotFound, StoreUnavailable, Unauthenticated
+from justscan_mcp.errors import AuthError, JustScanError, StoreUnavailable, Unauthenticated
 from justscan_mcp.models import (
     DESCRIPTION_MAX_LENGTH,
     LIST_LIMIT_DEFAULT,
@@ -112,16 +111,17 @@ def current_principal() -> Principal:
     return principal
 
 
+def _tool_error(exc: JustScanError) -> ToolError:
+    """The sentence the model reads for an error (never the driver's words for a database outage)."""
+    return ToolError(StoreUnavailable.PUBLIC if isinstance(exc, StoreUnavailable) else exc.message)
+
+
 async def _call(fn: Callable[..., T], /, **kwargs: Any) -> T:
     """Run a service call in a worker thread and turn its errors into sentences for the model."""
     try:
         return await anyio.to_thread.run_sync(lambda: fn(**kwargs))
-    except NotFound as exc:
-        raise ToolError(exc.message) from exc
-    except StoreUnavailable as exc:
-        raise ToolError("the webhook store is temporarily unavailable; try again in a moment") from exc
     except JustScanError as exc:
-        raise ToolError(exc.message) from exc
+        raise _tool_error(exc) from exc
 
 
 def _refusal(message: str) -> CallToolResult:
@@ -172,7 +172,7 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
             code = UNAUTHENTICATED_CODE if isinstance(exc, Unauthenticated) else FORBIDDEN_CODE
             raise MCPError(code, exc.message) from exc
         except StoreUnavailable as exc:
-            raise MCPError(-32603, "the webhook store is temporarily unavailable; try again") from exc
+            raise MCPError(-32603, StoreUnavailable.PUBLIC) from exc
         return principal
 
     async def gate(ctx: ServerRequestContext[Any, Any], call_next: Callable[..., Awaitable[Any]]) -> Any:
@@ -285,7 +285,7 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
         try:
             return await app.send_test_and_wait(principal=current_principal(), webhook_id=webhook_id)
         except JustScanError as exc:
-            raise ToolError(exc.message) from exc
+            raise _tool_error(exc) from exc
 
     @server.tool(
         title="List deliveries",

@@ -196,7 +196,8 @@ def build_rest_api(app: App) -> FastAPI:
     async def on_error(request: Request, exc: JustScanError) -> JSONResponse:
         for cls, status, code in _STATUS:
             if isinstance(exc, cls):
-                return error_response(status, code, exc.message, getattr(exc, "field", None))
+                message = StoreUnavailable.PUBLIC if isinstance(exc, StoreUnavailable) else exc.message
+                return error_response(status, code, message, getattr(exc, "field", None))
         return error_response(500, "internal", "unexpected error", None)
 
     @api.exception_handler(StarletteHTTPException)
