@@ -227,11 +227,26 @@ def spawn_server(
             )
         yield server
     finally:
+        stop_process(proc)
+
+
+def spawn_worker(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """A real `justscan-mcp worker` process, logging to `log` (appended: a log may span restarts)."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "worker"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it has not exited within `timeout`."""
+    if proc.poll() is None:
         proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,7 +22,16 @@ from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import Delivery, DeliveryAttempt
 from justscan_mcp.store import Store
-from tests.conftest import child_env, free_port, in_ci, make_team, spawn_server, wait_for
+from tests.conftest import (
+    child_env,
+    free_port,
+    in_ci,
+    make_team,
+    spawn_server,
+    spawn_worker,
+    stop_process,
+    wait_for,
+)
 from tests.receiver import Receiver, Reply
 
 pytestmark = pytest.mark.slow
@@ -67,25 +75,14 @@ def workers(pg_url: str, tmp_path: Path, n: int, **env: str) -> Iterator[list[su
     procs = []
     try:
         for i in range(n):
-            log = (tmp_path / f"worker{i}.log").open("wb")
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "justscan_mcp", "worker"],
-                    env=child_env(pg_url, **(FAST | env)),
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
+            procs.append(spawn_worker(child_env(pg_url, **(FAST | env)), tmp_path / f"worker{i}.log"))
         yield procs
     finally:
-        for p in procs:
+        for p in procs:  # SIGTERM all first: they finish their in-flight sends in parallel
             if p.poll() is None:
                 p.terminate()
         for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop_process(p)
 
 
 def delivery_states(app: App, webhook_ids: list[int]) -> Counter[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from sqlalchemy import func, select
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import Delivery, DeliveryAttempt
-from tests.conftest import child_env, make_team, wait_for
+from tests.conftest import child_env, make_team, spawn_worker, stop_process, wait_for
 from tests.receiver import Receiver, Reply
 
 pytestmark = pytest.mark.slow
@@ -43,22 +42,10 @@ def start_worker(db_url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
         "JUSTSCAN_DELIVERY_TIMEOUT": "5",
         "JUSTSCAN_LEASE_MARGIN": "1",
     } | env
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "justscan_mcp", "worker"],
-            env=child_env(db_url, **settings),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
+    return spawn_worker(child_env(db_url, **settings), log)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+stop = stop_process
 
 
 def states(app: App, webhook_id: int) -> Counter[str]:

@@ -77,7 +77,6 @@ class Dispatcher:
         self._backlog = False
         self._scheduler: Any = None
         self._listener: asyncio.Task[None] | None = None
-        self.sent = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -236,7 +235,6 @@ class Dispatcher:
             now=self.clock(),
             single_attempt=job.is_test,
         )
-        self.sent += 1
         await self._results.put(
             AttemptResult(
                 delivery_id=job.delivery_id,

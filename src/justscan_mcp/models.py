@@ -8,7 +8,7 @@ All datetimes are timezone-aware UTC, on SQLite as on PostgreSQL.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import (
@@ -331,8 +331,3 @@ class Principal(BaseModel):
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes
-
-
-def dump(model: BaseModel) -> dict[str, Any]:
-    """JSON-ready dict of a public model (ISO-8601 datetimes)."""
-    return model.model_dump(mode="json")

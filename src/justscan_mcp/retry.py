@@ -35,7 +35,3 @@ def after_attempt(
     if single_attempt or attempt_number > len(schedule):
         return Outcome("failed", None)
     return Outcome("retrying", now + timedelta(seconds=schedule[attempt_number - 1]))
-
-
-def max_attempts(schedule: tuple[float, ...]) -> int:
-    return len(schedule) + 1

@@ -645,18 +645,6 @@ class Store:
             )
             return [r.delivery_id for r in mine]
 
-    def release(self, *, worker: str, delivery_ids: Sequence[int]) -> None:
-        """Give leases back without an attempt (graceful stop before a send began)."""
-        if not delivery_ids:
-            return
-        with self.session() as s:
-            s.execute(
-                update(Delivery)
-                .where(col(Delivery.id).in_(list(delivery_ids)))
-                .where(col(Delivery.lease_owner) == worker)
-                .values(lease_owner=None, lease_expires_at=None)
-            )
-
     def get_delivery(
         self, *, team_id: int, delivery_id: int
     ) -> tuple[Delivery, list[DeliveryAttempt]] | None:
