@@ -211,6 +211,70 @@ async def test_retrying_state_is_visible_between_attempts(db_url: str, receiver:
         assert d.attempts[0].next_retry_at == d.next_attempt_at
 
 
+def test_claim_and_save_keep_times_in_the_column_format_and_read_back_rotated_secrets(
+    db_url: str, receiver: Receiver
+):
+    """The dispatcher's claim and save bypass SQLAlchemy's binding; the times they write must be
+    what the ORM writes (on SQLite, one text format: mixed formats sort wrongly), and the claim
+    must read back a rotated-out secret with its expiry."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    from justscan_mcp.store import AttemptResult
+
+    app = App.build(fast_settings(db_url))
+    app.prepare()
+    kit = make_team(app, "formats")
+    w = hook(kit, receiver, "/formats", ["scan"])
+    old = w.secret
+    app.service.rotate_secret(principal=kit.principal(), webhook_id=w.id)
+    (did,) = app.service.emit_event(team_id=kit.team.id, event="scan", data=scan()).deliveries
+    now = datetime.now(UTC)
+    (job,) = [
+        c
+        for c in app.store.claim_due(worker="w1", now=now, lease_until=now + timedelta(seconds=30), limit=100)
+        if c.delivery_id == did
+    ]
+    assert job.secrets[1] == old and len(job.secrets) == 2
+    retry_at = now + timedelta(seconds=5)
+    app.store.complete(
+        worker="w1",
+        results=[
+            AttemptResult(
+                delivery_id=did,
+                number=1,
+                started_at=now,
+                duration_ms=3,
+                status_code=500,
+                response_body="no",
+                error="receiver answered HTTP 500",
+                state="retrying",
+                next_attempt_at=retry_at,
+            )
+        ],
+        now=now,
+    )
+    d, attempts = app.store.get_delivery(team_id=kit.team.id, delivery_id=did)
+    assert d.state == "retrying" and d.next_attempt_at == retry_at and d.updated_at == now
+    assert attempts[0].started_at == now and attempts[0].next_retry_at == retry_at
+
+    def claims(at: datetime) -> list[int]:  # this test's delivery only: the database is shared
+        got = app.store.claim_due(worker="w2", now=at, lease_until=at, limit=1000)
+        return [c.delivery_id for c in got if c.delivery_id == did]
+
+    assert claims(now) == []
+    assert claims(retry_at + timedelta(microseconds=1)) == [did]
+    if app.store.backend == "sqlite":
+        with app.store.engine.connect() as conn:
+            stored = conn.execute(
+                text("SELECT next_attempt_at, lease_expires_at, created_at FROM deliveries WHERE id = :i"),
+                {"i": did},
+            ).one()
+        assert all(len(v) == len("2026-01-01 00:00:00.000000") and "+" not in v for v in stored), stored
+    app.close()
+
+
 async def test_timeout_refused_connection_and_redirect_are_failures(live: App, receiver: Receiver):
     kit = make_team(live, "fail")
     slow = hook(kit, receiver, "/slow", ["scan"])

@@ -24,6 +24,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.engine import Dialect
 from sqlmodel import Field, SQLModel
@@ -150,13 +151,29 @@ class FirstScan(SQLModel, table=True):
     )
 
 
+# The states the claim looks at; the partial index's predicate must be this exact expression so
+# both databases can prove the claim's WHERE implies it.
+OPEN_STATES = ("pending", "retrying")
+OPEN_STATES_SQL = "state IN ('pending', 'retrying')"
+
+
 class Delivery(SQLModel, table=True):
     """One event to one webhook. Claimed by a dispatcher with a lease while an attempt runs."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
-        # The claim scans due work; the log walks one webhook's deliveries newest first.
-        Index("ix_deliveries_due", "state", "next_attempt_at"),
+        # The claim walks due work in (next_attempt_at, id) order and stops after its LIMIT. The
+        # index is partial so it holds only open deliveries and needs no sort: an index on
+        # (state, next_attempt_at) made every claim sort the whole backlog (4 ms per claim at
+        # 10,000 queued on SQLite, growing with the queue). The log walks one webhook's
+        # deliveries newest first.
+        Index(
+            "ix_deliveries_open",
+            "next_attempt_at",
+            "id",
+            sqlite_where=text(OPEN_STATES_SQL),
+            postgresql_where=text(OPEN_STATES_SQL),
+        ),
         Index("ix_deliveries_webhook_id_id", "webhook_id", "id"),
         {"sqlite_autoincrement": True},
     )
