@@ -8,8 +8,9 @@ Shape of one process's dispatcher:
   is on its way within milliseconds;
 - the pump claims at most as many deliveries as there are free in-flight slots
   (`JUSTSCAN_MAX_IN_FLIGHT`), so the database lease always covers work that is really running;
-- sends run as tasks on the event loop (aiohttp; never blocking the MCP server's loop); the
-  database calls run in worker threads;
+- `JUSTSCAN_MAX_IN_FLIGHT` long-lived sender coroutines take claimed deliveries from a queue and
+  post them (aiohttp; never blocking the MCP server's loop); a task per delivery cost ~20 µs of
+  CPU each, a tenth of a delivery's budget. The database calls run in worker threads;
 - one writer batches finished attempts into a single transaction.
 
 Leases last the delivery timeout plus a margin, so a process that dies delays its deliveries by
@@ -28,11 +29,10 @@ import secrets
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
-
-import anyio.to_thread
+from typing import Any, TypeVar
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
@@ -44,6 +44,7 @@ from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, Store
 log = logging.getLogger("justscan_mcp.dispatcher")
 
 WRITE_BATCH = 500
+_T = TypeVar("_T")
 
 
 def new_worker_id() -> str:
@@ -71,8 +72,16 @@ class Dispatcher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
         self._stopping = False
-        self._inflight: set[asyncio.Task[None]] = set()
-        self._results: asyncio.Queue[AttemptResult | None] = asyncio.Queue()
+        self._jobs: asyncio.Queue[Claimed | None] = asyncio.Queue()
+        self._open = 0  # claimed by this process and not yet finished
+        self._senders: list[asyncio.Task[None]] = []
+        # Finished attempts waiting for the writer: a list and an event, cheaper per item than a
+        # queue. Two database threads of our own, not the shared pool: a claim and a save run
+        # side by side, and no request handler's thread work queues behind them.
+        self._results: list[AttemptResult] = []
+        self._results_ready = asyncio.Event()
+        self._closing = False
+        self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="justscan-db")
         self._tasks: list[asyncio.Task[None]] = []
         self._backlog = False
         self._scheduler: Any = None
@@ -96,6 +105,10 @@ class Dispatcher:
         )
         scheduler.start()
         self._scheduler = scheduler
+        self._senders = [
+            asyncio.create_task(self._send_loop(), name=f"justscan-sender-{i}")
+            for i in range(self.settings.max_in_flight)
+        ]
         self._tasks = [
             asyncio.create_task(self._pump(), name="justscan-pump"),
             asyncio.create_task(self._writer(), name="justscan-writer"),
@@ -116,14 +129,18 @@ class Dispatcher:
                 await self._listener
         pump, writer = self._tasks
         await pump
-        if self._inflight:
-            log.info("dispatcher %s: waiting for %d in-flight sends", self.worker_id, len(self._inflight))
-            await asyncio.gather(*self._inflight, return_exceptions=True)
-        await self._results.put(None)
+        if self._open:
+            log.info("dispatcher %s: waiting for %d in-flight sends", self.worker_id, self._open)
+        for _ in self._senders:
+            self._jobs.put_nowait(None)  # after every queued job: the queue is first in, first out
+        await asyncio.gather(*self._senders, return_exceptions=True)
+        self._closing = True
+        self._results_ready.set()
         await writer
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         await self.sender.close()
+        self._db.shutdown(wait=False)
         log.info("dispatcher %s stopped", self.worker_id)
 
     def wake(self) -> None:
@@ -176,12 +193,12 @@ class Dispatcher:
         delay = 0.5
         while not self._stopping:
             self._wake.clear()
-            free = self.settings.max_in_flight - len(self._inflight)
+            free = self.settings.max_in_flight - self._open
             if free > 0:
                 now = self.clock()
                 until = now + timedelta(seconds=self.settings.lease_seconds)
                 try:
-                    claimed = await anyio.to_thread.run_sync(
+                    claimed = await self._in_thread(
                         partial(
                             self.store.claim_due,
                             worker=self.worker_id,
@@ -196,24 +213,41 @@ class Dispatcher:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 10.0)
                     continue
+                except Exception:
+                    # A bug, not an outage: say so loudly, but keep the pump alive (a dead pump
+                    # would stop every delivery of this process without a word).
+                    log.exception("claim failed unexpectedly; retrying in %.1fs", delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 10.0)
+                    continue
+                self._open += len(claimed)
                 for job in claimed:
-                    task = asyncio.create_task(self._deliver(job))
-                    self._inflight.add(task)
-                    task.add_done_callback(self._done)
+                    self._jobs.put_nowait(job)
                 self._backlog = len(claimed) == free
                 if self._backlog:
                     continue
             await self._wake.wait()
 
-    def _done(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
+    async def _send_loop(self) -> None:
+        while (job := await self._jobs.get()) is not None:
+            try:
+                await self._deliver(job)
+            except Exception:
+                # Not a receiver's behaviour (those come back as data): a bug. The lease expires
+                # and the delivery is attempted again; the sender goes on with the next one.
+                log.exception("delivery %s: unexpected error while sending", job.delivery_id)
+            finally:
+                self._open -= 1
+                self._done()
+
+    def _done(self) -> None:
         # Under a backlog, claim again once a quarter of the slots are free: one claim of 16 rows
         # costs about what one of 1 row does, so trickling claims would cap the send rate.
-        free = self.settings.max_in_flight - len(self._inflight)
+        free = self.settings.max_in_flight - self._open
         if (
             self._backlog
             and not self._stopping
-            and (free >= max(1, self.settings.max_in_flight // 4) or not self._inflight)
+            and (free >= max(1, self.settings.max_in_flight // 4) or not self._open)
         ):
             self._wake.set()
 
@@ -235,7 +269,7 @@ class Dispatcher:
             now=self.clock(),
             single_attempt=job.is_test,
         )
-        await self._results.put(
+        self._results.append(
             AttemptResult(
                 delivery_id=job.delivery_id,
                 number=job.attempt_number,
@@ -248,32 +282,29 @@ class Dispatcher:
                 next_attempt_at=state.next_attempt_at,
             )
         )
+        self._results_ready.set()
 
     # --- the writer -------------------------------------------------------------------------
 
     async def _writer(self) -> None:
-        closing = False
-        while not closing:
-            first = await self._results.get()
-            batch: list[AttemptResult] = []
-            if first is None:
-                closing = True
-            else:
-                batch.append(first)
-            while len(batch) < WRITE_BATCH and not self._results.empty():
-                item = self._results.get_nowait()
-                if item is None:
-                    closing = True
-                else:
-                    batch.append(item)
-            if batch:
+        while True:
+            await self._results_ready.wait()
+            self._results_ready.clear()
+            while self._results:
+                batch = self._results[:WRITE_BATCH]
+                del self._results[:WRITE_BATCH]
                 await self._save(batch)
+            if self._closing:
+                return
+
+    async def _in_thread(self, fn: Callable[[], _T]) -> _T:
+        return await asyncio.get_running_loop().run_in_executor(self._db, fn)
 
     async def _save(self, batch: list[AttemptResult]) -> None:
         delay = 0.2
         while True:
             try:
-                await anyio.to_thread.run_sync(
+                await self._in_thread(
                     lambda: self.store.complete(worker=self.worker_id, results=batch, now=self.clock())
                 )
                 break
@@ -285,6 +316,11 @@ class Dispatcher:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+            except Exception:
+                # A bug, not an outage: retrying the same batch would fail the same way. Its
+                # leases expire and the deliveries are attempted again (at least once).
+                log.exception("saving %d attempts failed unexpectedly; they will be retried", len(batch))
+                return
         for r in batch:
             if r.next_attempt_at is not None:
                 self._wake_at(r.next_attempt_at)

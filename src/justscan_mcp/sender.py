@@ -168,7 +168,9 @@ async def _read_limited(resp: Any, limit: int) -> bytes:
     """Read at most `limit` bytes of the body; the rest is never buffered."""
     chunks: list[bytes] = []
     size = 0
-    while size < limit:
+    # at_eof() ends the loop without one more await when the whole body already arrived (the
+    # common case: receivers answer a few bytes).
+    while size < limit and not resp.content.at_eof():
         chunk = await resp.content.read(limit - size)
         if not chunk:
             break
