@@ -208,56 +208,77 @@ def measured_rate(base: str, n: int, timeout: float) -> float:
     return (n - 1) / max(s["last"] - s["first"], 1e-6)
 
 
+def dispatcher_rate(tmp: Path, rbase: str, kind: str, workers: int, n: int) -> float | None:
+    """Record n events, start `workers` worker processes, return deliveries/s at the receiver."""
+    with database(kind, tmp) as url:
+        if url is None:
+            return None
+        app = make_app(url)
+        team, _key, _ids = setup_team(app, f"{rbase}/hook")
+        record(app, team.id, n)
+        app.close()
+        httpx.post(f"{rbase}/reset")
+        procs = [
+            process([PY, "-m", "justscan_mcp", "worker"], env(url), tmp / f"w-{kind}-{workers}-{i}.log")
+            for i in range(workers)
+        ]
+        for p in procs:
+            p.__enter__()
+        try:
+            return measured_rate(rbase, n, 600)
+        finally:
+            for p in procs:
+                p.__exit__(None, None, None)
+
+
 def throughput(tmp: Path, quick: bool) -> None:
+    """Each dispatcher run sits between two runs of the bare client, and its ratio is to their
+    mean: this machine's loopback rate drifts by a third within minutes (6k to 10k posts/s was
+    seen), so one limit measured at the start made the ratios depend on when they ran. The
+    target configuration runs three times and reports the median."""
     n = 2000 if quick else 10_000
     with receiver(tmp) as rbase:
         hook = f"{rbase}/hook"
-        httpx.post(f"{rbase}/reset")
-        asyncio.run(bare_limit(hook, n))
-        limit = measured_rate(rbase, n, 120)
-        row("bare aiohttp limit (64 in flight, no database)", f"{limit:,.0f} posts/s", "reference", None)
+
+        def limit() -> float:
+            httpx.post(f"{rbase}/reset")
+            asyncio.run(bare_limit(hook, n))
+            return measured_rate(rbase, n, 120)
+
+        limits: list[float] = []
         for kind in ("sqlite", "postgresql"):
             for workers in (1, 2):
-                with database(kind, tmp) as url:
-                    if url is None:
-                        row(
-                            f"throughput {kind}, {workers} dispatcher(s)",
-                            "not run",
-                            "-",
-                            None,
-                            "no PostgreSQL configured",
-                        )
-                        continue
-                    app = make_app(url)
-                    team, _key, _ids = setup_team(app, hook)
-                    record(app, team.id, n)
-                    app.close()
-                    httpx.post(f"{rbase}/reset")
-                    procs = [
-                        process(
-                            [PY, "-m", "justscan_mcp", "worker"],
-                            env(url),
-                            tmp / f"w-{kind}-{workers}-{i}.log",
-                        )
-                        for i in range(workers)
-                    ]
-                    for p in procs:
-                        p.__enter__()
-                    try:
-                        rate = measured_rate(rbase, n, 600)
-                    finally:
-                        for p in procs:
-                            p.__exit__(None, None, None)
-                    ratio = rate / limit
-                    target = "≥ 0.35 of the limit" if (kind, workers) == ("sqlite", 1) else "reported"
-                    met = ratio >= 0.35 if (kind, workers) == ("sqlite", 1) else None
-                    row(
-                        f"throughput {kind}, {workers} dispatcher process(es)",
-                        f"{rate:,.0f} deliveries/s ({ratio:.2f} of limit)",
-                        target,
-                        met,
-                        f"{n:,} events, counted at the receiver",
-                    )
+                target_row = (kind, workers) == ("sqlite", 1)
+                runs: list[tuple[float, float]] = []
+                for _ in range(3 if target_row else 1):
+                    before = limit()
+                    rate = dispatcher_rate(tmp, rbase, kind, workers, n)
+                    if rate is None:
+                        break
+                    after = limit()
+                    limits += [before, after]
+                    runs.append((rate, rate / ((before + after) / 2)))
+                name = f"throughput {kind}, {workers} dispatcher process(es)"
+                if not runs:
+                    row(name, "not run", "-", None, "no PostgreSQL configured")
+                    continue
+                rate, ratio = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
+                all_ratios = ", ".join(f"{r:.2f}" for _, r in runs)
+                row(
+                    name,
+                    f"{rate:,.0f} deliveries/s ({ratio:.2f} of limit)",
+                    "≥ 0.35 of the limit" if target_row else "reported",
+                    ratio >= 0.35 if target_row else None,
+                    f"{n:,} events, counted at the receiver"
+                    + (f"; median of 3 runs (ratios {all_ratios})" if target_row else ""),
+                )
+        row(
+            "bare aiohttp limit (64 in flight, no database)",
+            f"{min(limits):,.0f} to {max(limits):,.0f} posts/s",
+            "reference",
+            None,
+            "measured before and after every dispatcher run; each ratio uses its own pair",
+        )
 
 
 # --- 2. latency -------------------------------------------------------------------------------
