@@ -257,3 +257,18 @@ def http_server(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     log = tmp_path_factory.mktemp("http") / "server.log"
     with spawn_server(child_env(db_url), log, "--no-dispatcher") as server:
         yield server
+
+
+# --- software from outside the project (npm) --------------------------------------------------
+
+JS_DIR = Path(__file__).parent / "js"
+
+
+def js_packages() -> Path:
+    """tests/js with its npm packages installed (`npm ci --prefix tests/js`, which .ci/run does):
+    the official MCP TypeScript SDK, the MCP conformance suite and Node 22 for it."""
+    if not (JS_DIR / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
+        if in_ci():
+            pytest.fail("tests/js/node_modules is missing: run `npm ci --prefix tests/js`")
+        pytest.skip("npm packages not installed: run `npm ci --prefix tests/js`")
+    return JS_DIR

@@ -1,17 +1,26 @@
 """A tiny TCP forwarder for fault injection: put it between a process and PostgreSQL, then start,
-stop or cut it to simulate the database appearing, vanishing or dropping connections."""
+stop or cut it to simulate the database appearing, vanishing or dropping connections. With
+`rewrite`, every chunk from client to target passes through it: a man in the middle that
+tampers with requests (the receiver tests change one byte of a signed body in transit)."""
 
 from __future__ import annotations
 
 import contextlib
 import socket
 import threading
+from collections.abc import Callable
 
 
 class TcpProxy:
-    def __init__(self, listen_port: int, target: tuple[str, int]) -> None:
+    def __init__(
+        self,
+        listen_port: int,
+        target: tuple[str, int],
+        rewrite: Callable[[bytes], bytes] | None = None,
+    ) -> None:
         self.listen_port = listen_port
         self.target = target
+        self.rewrite = rewrite
         self._server: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
@@ -51,14 +60,14 @@ class TcpProxy:
                 continue
             with self._lock:
                 self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, change in ((client, upstream, self.rewrite), (upstream, client, None)):
+                threading.Thread(target=self._pipe, args=(a, b, change), daemon=True).start()
 
     @staticmethod
-    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+    def _pipe(src: socket.socket, dst: socket.socket, change: Callable[[bytes], bytes] | None) -> None:
         try:
             while data := src.recv(65536):
-                dst.sendall(data)
+                dst.sendall(change(data) if change else data)
         except OSError:
             pass
         finally:
