@@ -163,6 +163,10 @@ def _http_banner(host: str, port: int, first_key: str | None, settings: Settings
         f"justscan-mcp {__version__} serving on {base}",
         f"  MCP (streamable HTTP): {base}/mcp",
         f"  MCP (SSE):             {base}/sse",
+        f"  REST API:              {base}/api/v1",
+        f"  dashboard:             {base}/  (sign in with an API key; admin area: "
+        + ("open" if settings.admin_password else "closed, set JUSTSCAN_ADMIN_PASSWORD")
+        + ")",
         f"  health:                {base}/healthz",
         f"  database:              {_redacted(settings.database_url)}",
         "",

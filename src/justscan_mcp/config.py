@@ -92,6 +92,16 @@ def default_data_dir() -> Path:
     return user_data_path("justscan-mcp", appauthor=False)
 
 
+ADMIN_PASSWORD_MIN = 12
+
+
+def parse_admin_password(name: str, raw: str) -> str:
+    """Raises: ConfigError for a password too short to stand in front of every team's data."""
+    if len(raw) < ADMIN_PASSWORD_MIN:
+        raise ConfigError(f"{name} must be at least {ADMIN_PASSWORD_MIN} characters long")
+    return raw
+
+
 def default_database_url() -> str:
     """SQLite file in the user's data directory."""
     return f"sqlite:///{default_data_dir() / DB_FILENAME}"
@@ -111,6 +121,8 @@ class Settings:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     lease_margin: float = DEFAULT_LEASE_MARGIN
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # The dashboard's operator credential (the admin area); unset, the admin area is closed.
+    admin_password: str | None = field(default=None, repr=False)
 
     @property
     def lease_seconds(self) -> float:
@@ -147,6 +159,7 @@ class Settings:
             poll_interval=read("JUSTSCAN_POLL_INTERVAL", parse_positive_float, DEFAULT_POLL_INTERVAL),
             lease_margin=read("JUSTSCAN_LEASE_MARGIN", parse_positive_float, DEFAULT_LEASE_MARGIN),
             max_in_flight=read("JUSTSCAN_MAX_IN_FLIGHT", parse_in_flight, DEFAULT_MAX_IN_FLIGHT),
+            admin_password=read("JUSTSCAN_ADMIN_PASSWORD", parse_admin_password, None),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -1,5 +1,5 @@
-"""The HTTP process: MCP over streamable HTTP (`/mcp`) and SSE (`/sse`, `/messages/`) and `/healthz`
-on one port, sharing the process lifespan of `App`.
+"""The HTTP process: MCP over streamable HTTP (`/mcp`) and SSE (`/sse`, `/messages/`), the REST API
+(`/api/v1`), the dashboard (`/`) and `/healthz` on one port, sharing the process lifespan of `App`.
 
 Bearer keys are checked here, before the SDK sees a request, because SPEC wants two different
 answers the SDK's verifier cannot give: 401 for no, unknown or revoked keys, 403 with a reason
@@ -211,6 +211,7 @@ def build_http_app(
             log.info("ready")
             yield {}
 
+    from justscan_mcp.dashboard import build_dashboard
     from justscan_mcp.rest_api import build_rest_api
 
     routes: list[BaseRoute] = [
@@ -218,6 +219,7 @@ def build_http_app(
         Mount(API_PREFIX, app=build_rest_api(app)),
         *streamable.routes,
         *sse.routes,
+        *build_dashboard(app),
     ]
 
     async def not_found(request: Request, exc: Exception) -> Response:

@@ -229,6 +229,24 @@ class InstanceSecret(SQLModel, table=True):
     value: str = Field(sa_column=Column(String(200), nullable=False))
 
 
+class DashboardSession(SQLModel, table=True):
+    """A signed-in dashboard browser. The cookie holds a random token; only its SHA-256 is
+    stored, so a copy of the database cannot be used to sign in. `key_id` is the API key the
+    person signed in with (its scopes and revocation are re-read on every request), or None for
+    the operator. Kept in the database so every server process knows every session."""
+
+    __tablename__ = "dashboard_sessions"
+
+    token_hash: str = Field(sa_column=Column(String(64), primary_key=True))
+    key_id: int | None = Field(
+        default=None,
+        sa_column=Column(IdType, ForeignKey("api_keys.id", ondelete="CASCADE"), nullable=True),
+    )
+    csrf_token: str = Field(sa_column=Column(String(64), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+
+
 # --- public shapes ----------------------------------------------------------------------------
 
 
@@ -322,6 +340,25 @@ class DeliveryPublic(_Public):
 class DeliveryPage(BaseModel):
     deliveries: list[DeliveryPublic]
     next_cursor: str | None
+
+
+class WebhookSummary(WebhookPublic):
+    """A webhook with its newest delivery (the dashboard's list)."""
+
+    last_delivery: DeliveryPublic | None
+
+
+class FailingDelivery(DeliveryPublic):
+    """A failed or retrying delivery in the operator's cross-team view."""
+
+    team_id: int
+    url: str
+
+
+class AdminOverview(BaseModel):
+    teams: list[TeamPublic]
+    webhooks: list[WebhookSummary]
+    failing: list[FailingDelivery]
 
 
 class EmitResult(BaseModel):

@@ -7,6 +7,8 @@ synchronous and keyword-only; async callers run them in a worker thread.
 
 from __future__ import annotations
 
+import hmac
+import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,15 +24,18 @@ from justscan_mcp.models import (
     LIST_LIMIT_MAX,
     MAX_ID,
     SCOPES,
+    AdminOverview,
     ApiKey,
     ApiKeyCreated,
     ApiKeyPublic,
     AttemptPublic,
+    DashboardSession,
     Delivery,
     DeliveryAttempt,
     DeliveryPage,
     DeliveryPublic,
     EmitResult,
+    FailingDelivery,
     Principal,
     SecretRotated,
     TeamPublic,
@@ -39,6 +44,7 @@ from justscan_mcp.models import (
     WebhookCreated,
     WebhookPage,
     WebhookPublic,
+    WebhookSummary,
     utcnow,
 )
 from justscan_mcp.retry import DELIVERY_STATES
@@ -56,6 +62,7 @@ from justscan_mcp.targets import Resolver, system_resolver, validate_webhook_url
 UPDATABLE = frozenset({"url", "events", "description", "active"})
 DEFAULT_ROTATION_GRACE = 24 * 3600
 MAX_ROTATION_GRACE = 7 * 24 * 3600
+DASHBOARD_SESSION_TTL = timedelta(hours=12)
 READ = "webhooks:read"
 WRITE = "webhooks:write"
 TEAM_NAME_MAX = 200
@@ -503,6 +510,95 @@ class Service:
             f"webhook {webhook_id} does not exist in this team; list_webhooks shows the valid ids",
         )
 
+    # --- dashboard --------------------------------------------------------------------------
+
+    def sign_in_with_key(self, raw_key: str | None) -> tuple[str, DashboardSession]:
+        """A dashboard session for an API key; the key's scopes and revocation apply to it.
+        Returns the session token for the cookie (shown nowhere else) and the session.
+
+        Raises:
+            Unauthenticated: no key, an unknown key or a revoked key.
+        """
+        principal = self.authenticate((raw_key or "").strip() or None)
+        return self._new_session(principal.key_id)
+
+    def sign_in_operator(self, password: str | None) -> tuple[str, DashboardSession]:
+        """A dashboard session for the operator (JUSTSCAN_ADMIN_PASSWORD).
+
+        Raises:
+            Unauthenticated: the admin area is closed, or the password is wrong.
+        """
+        expected = self.settings.admin_password
+        if not expected:
+            raise Unauthenticated("the admin area is closed: set JUSTSCAN_ADMIN_PASSWORD to open it")
+        if not hmac.compare_digest((password or "").encode(), expected.encode()):
+            raise Unauthenticated("wrong admin password")
+        return self._new_session(None)
+
+    def _new_session(self, key_id: int | None) -> tuple[str, DashboardSession]:
+        token = secrets.token_urlsafe(32)
+        now = self.clock()
+        row = DashboardSession(
+            token_hash=hash_api_key(token),
+            key_id=key_id,
+            csrf_token=secrets.token_urlsafe(32),
+            created_at=now,
+            expires_at=now + DASHBOARD_SESSION_TTL,
+        )
+        self.store.add_dashboard_session(row, now=now)
+        return token, row
+
+    def dashboard_session(self, token: str | None) -> tuple[DashboardSession, Principal | None]:
+        """The session behind a cookie and, for a key session, the key's principal as of now
+        (None for the operator).
+
+        Raises:
+            Unauthenticated: no session, an expired one, or its key was revoked or deleted.
+        """
+        if not token:
+            raise Unauthenticated("not signed in")
+        row = self.store.get_dashboard_session(hash_api_key(token), now=self.clock())
+        if row is None:
+            raise Unauthenticated("your session has ended; sign in again")
+        if row.key_id is None:
+            return row, None
+        try:
+            return row, self.principal_for_key_id(row.key_id)
+        except Unauthenticated:
+            self.store.delete_dashboard_session(row.token_hash)
+            raise
+
+    def end_dashboard_session(self, token: str | None) -> None:
+        if token:
+            self.store.delete_dashboard_session(hash_api_key(token))
+
+    def webhook_summaries(
+        self, *, principal: Principal, cursor: str | None = None, limit: int = LIST_LIMIT_MAX
+    ) -> tuple[list[WebhookSummary], str | None]:
+        """A page of the team's webhooks, each with its newest delivery.
+
+        Raises:
+            MissingScope, InvalidInput (cursor).
+        """
+        page = self.list_webhooks(principal=principal, cursor=cursor, limit=limit)
+        last = self.store.last_deliveries([w.id for w in page.webhooks])
+        return [_summary(w, last.get(w.id)) for w in page.webhooks], page.next_cursor
+
+    def admin_overview(self, *, limit: int = 200) -> AdminOverview:
+        """The operator's view across teams: teams, webhooks with their last outcome, and the
+        newest failed or retrying deliveries."""
+        hooks = [WebhookPublic.model_validate(w) for w in self.store.all_webhooks(limit=limit)]
+        last = self.store.last_deliveries([w.id for w in hooks])
+        urls = {w.id: (w.team_id, w.url) for w in hooks}
+        failing = []
+        for d, attempt in self.store.failing_deliveries(limit=limit):
+            team_id, url = urls.get(d.webhook_id) or (d.team_id, "")
+            public = _delivery_public(d, [attempt] if attempt else [])
+            failing.append(FailingDelivery(**public.model_dump(), team_id=team_id, url=url))
+        return AdminOverview(
+            teams=self.list_teams(), webhooks=[_summary(w, last.get(w.id)) for w in hooks], failing=failing
+        )
+
     # --- events -----------------------------------------------------------------------------
 
     def emit_event(self, *, team_id: Any, event: Any, data: Any) -> EmitResult:
@@ -578,18 +674,29 @@ class Service:
         cursor: str | None = None,
         limit: int = LIST_LIMIT_DEFAULT,
         state: str | None = None,
+        event: str | None = None,
     ) -> DeliveryPage:
-        """One page of a webhook's delivery log, newest first, each with its attempts.
+        """One page of a webhook's delivery log, newest first, each with its attempts; `state`
+        and `event` narrow it.
 
         Raises:
-            MissingScope, InvalidInput (webhook_id, limit, cursor, state), NotFound.
+            MissingScope, InvalidInput (webhook_id, limit, cursor, state, event), NotFound.
         """
         self.require_scope(principal, READ, "list_deliveries")
         _validate_log_query(limit, state)
+        if event is not None and event not in (*EVENT_NAMES, "test"):
+            raise InvalidInput(
+                "event", f"{event!r} is not an event; choose from {', '.join((*EVENT_NAMES, 'test'))}"
+            )
         webhook = self._own_webhook(principal, webhook_id)
         assert webhook.id is not None
         return self._delivery_page(
-            team_id=principal.team_id, webhook_id=webhook.id, cursor=cursor, limit=limit, state=state
+            team_id=principal.team_id,
+            webhook_id=webhook.id,
+            cursor=cursor,
+            limit=limit,
+            state=state,
+            event=event,
         )
 
     def delivery_log(
@@ -610,18 +717,26 @@ class Service:
         )
 
     def _delivery_page(
-        self, *, team_id: int, webhook_id: int, cursor: str | None, limit: int, state: str | None
+        self,
+        *,
+        team_id: int,
+        webhook_id: int,
+        cursor: str | None,
+        limit: int,
+        state: str | None,
+        event: str | None = None,
     ) -> DeliveryPage:
         _validate_log_query(limit, state)
         now = self.clock()
         before = None
-        kind = f"deliveries:{webhook_id}"
+        # A cursor is bound to its filters too: one from another filter would skip rows.
+        kind = f"deliveries:{webhook_id}" + (f":{state or ''}:{event or ''}" if state or event else "")
         if cursor is not None:
             if not isinstance(cursor, str) or not cursor:
                 raise InvalidInput("cursor", "must be next_cursor from a previous page, or omitted")
             before = self.cursors.decode(cursor, kind=kind, team_id=team_id, now=now)
         rows = self.store.list_deliveries(
-            webhook_id=webhook_id, before_id=before, limit=limit + 1, state=state
+            webhook_id=webhook_id, before_id=before, limit=limit + 1, state=state, event=event
         )
         page = rows[:limit]
         next_cursor = None
@@ -630,6 +745,11 @@ class Service:
             assert last is not None
             next_cursor = self.cursors.encode(kind=kind, team_id=team_id, after_id=last, now=now)
         return DeliveryPage(deliveries=[_delivery_public(d, a) for d, a in page], next_cursor=next_cursor)
+
+
+def _summary(w: WebhookPublic, last: tuple[Delivery, DeliveryAttempt | None] | None) -> WebhookSummary:
+    delivery = _delivery_public(last[0], [last[1]] if last[1] else []) if last else None
+    return WebhookSummary(**w.model_dump(), last_delivery=delivery)
 
 
 def _validate_log_query(limit: Any, state: Any) -> None:

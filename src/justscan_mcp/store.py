@@ -28,6 +28,7 @@ from justscan_mcp.models import (
     OPEN_STATES,
     OPEN_STATES_SQL,
     ApiKey,
+    DashboardSession,
     Delivery,
     DeliveryAttempt,
     Event,
@@ -681,7 +682,13 @@ class Store:
             return d, list(attempts)
 
     def list_deliveries(
-        self, *, webhook_id: int, before_id: int | None, limit: int, state: str | None = None
+        self,
+        *,
+        webhook_id: int,
+        before_id: int | None,
+        limit: int,
+        state: str | None = None,
+        event: str | None = None,
     ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         """A webhook's deliveries, newest first (keyset on id), each with its attempts."""
         with self.session() as s:
@@ -699,6 +706,8 @@ class Store:
                 q = q.where(col(Delivery.id) < before_id)
             if state is not None:
                 q = q.where(Delivery.state == state)
+            if event is not None:
+                q = q.where(Delivery.event == event)
             rows = s.exec(
                 q.order_by(col(Delivery.webhook_id).desc(), col(Delivery.id).desc()).limit(limit)
             ).all()
@@ -711,6 +720,75 @@ class Store:
                 ).all():
                     by_delivery[a.delivery_id].append(a)
             return [(d, by_delivery[d.id]) for d in rows if d.id is not None]
+
+    def last_deliveries(
+        self, webhook_ids: Sequence[int]
+    ) -> dict[int, tuple[Delivery, DeliveryAttempt | None]]:
+        """Each webhook's newest delivery and that delivery's latest attempt (the dashboard's
+        "last outcome" column): one indexed lookup per webhook, a page holds at most 100."""
+        out: dict[int, tuple[Delivery, DeliveryAttempt | None]] = {}
+        with self.session() as s:
+            for wid in webhook_ids:
+                d = s.exec(
+                    select(Delivery)
+                    .where(col(Delivery.webhook_id) >= wid)
+                    .where(col(Delivery.webhook_id) <= wid)
+                    .order_by(col(Delivery.webhook_id).desc(), col(Delivery.id).desc())
+                    .limit(1)
+                ).first()
+                if d is None or d.id is None:
+                    continue
+                attempt = s.exec(
+                    select(DeliveryAttempt)
+                    .where(DeliveryAttempt.delivery_id == d.id)
+                    .order_by(col(DeliveryAttempt.number).desc())
+                    .limit(1)
+                ).first()
+                out[wid] = (d, attempt)
+        return out
+
+    def all_webhooks(self, *, limit: int) -> Sequence[Webhook]:
+        """Operator view: every team's webhooks, oldest first."""
+        with self.session() as s:
+            return s.exec(select(Webhook).order_by(col(Webhook.id)).limit(limit)).all()
+
+    def failing_deliveries(self, *, limit: int) -> list[tuple[Delivery, DeliveryAttempt | None]]:
+        """Operator view: failed and retrying deliveries of every team, newest first, each with
+        its latest attempt."""
+        with self.session() as s:
+            rows = s.exec(
+                select(Delivery)
+                .where(col(Delivery.state).in_(("failed", "retrying")))
+                .order_by(col(Delivery.id).desc())
+                .limit(limit)
+            ).all()
+            latest: dict[int, DeliveryAttempt] = {}
+            ids = [d.id for d in rows if d.id is not None]
+            if ids:
+                for a in s.exec(
+                    select(DeliveryAttempt)
+                    .where(col(DeliveryAttempt.delivery_id).in_(ids))
+                    .order_by(col(DeliveryAttempt.number))
+                ).all():
+                    latest[a.delivery_id] = a
+            return [(d, latest.get(d.id or 0)) for d in rows]
+
+    # --- dashboard sessions -----------------------------------------------------------------
+
+    def add_dashboard_session(self, row: DashboardSession, *, now: datetime) -> None:
+        """Store a new session, and drop expired ones while at it (sessions need no sweeper)."""
+        with self.session(write=True) as s:
+            s.execute(delete(DashboardSession).where(col(DashboardSession.expires_at) < now))
+            s.add(row)
+
+    def get_dashboard_session(self, token_hash: str, *, now: datetime) -> DashboardSession | None:
+        with self.session() as s:
+            row = s.get(DashboardSession, token_hash)
+            return row if row is not None and row.expires_at > now else None
+
+    def delete_dashboard_session(self, token_hash: str) -> None:
+        with self.session(write=True) as s:
+            s.execute(delete(DashboardSession).where(col(DashboardSession.token_hash) == token_hash))
 
     def get_webhook_by_id(self, webhook_id: int) -> Webhook | None:
         """Operator access (CLI), not scoped to a team."""

@@ -1,0 +1,454 @@
+"""The dashboard: server-rendered pages at `/` of `serve --transport http`.
+
+- Account → Webhooks (`/webhooks`): a person signs in with an API key. Its scopes and revocation
+  are re-read on every request, so a read-only key sees everything and changes nothing.
+- A webhook's page (`/webhooks/{id}`): the delivery log with response codes, bodies and retry
+  state, "Send test delivery" and "Redeliver".
+- The admin area (`/admin`): the operator signs in with JUSTSCAN_ADMIN_PASSWORD. It shows every
+  team's webhooks and failing deliveries, and the API key page with each key's MCP switch.
+
+Security, by construction rather than by care in each route:
+- The session is a random token in an HttpOnly, SameSite=Strict cookie. Only its hash is
+  stored, in the database, so every server process knows it and signing out ends it everywhere.
+- Every POST carries the session's CSRF token (the sign-in forms: a double-submit cookie), and a
+  cross-origin Origin header is refused.
+- Jinja2 autoescapes everything: receivers' response bodies are shown as text.
+- Secrets and keys travel only in POST bodies and in the one page that shows a new secret, which
+  is never cached. URLs carry ids, filters and notices from a fixed list.
+- Every action goes through the same service calls, with the same team isolation and scopes, as
+  the REST API and the MCP tools.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode, urlsplit
+
+import anyio.to_thread
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from justscan_mcp.app import App
+from justscan_mcp.errors import (
+    AuthError,
+    Conflict,
+    InvalidInput,
+    JustScanError,
+    MissingScope,
+    NotFound,
+    StoreUnavailable,
+)
+from justscan_mcp.models import EVENT_NAMES, DashboardSession, Principal
+from justscan_mcp.retry import DELIVERY_STATES
+
+HERE = Path(__file__).parent
+SESSION_COOKIE = "justscan_session"
+LOGIN_CSRF_COOKIE = "justscan_login_csrf"
+BODY_PREVIEW = 300  # characters of a response body shown before "show all"
+
+# The only notices a redirect may name; a URL never carries free text.
+NOTICES = {
+    "created": "Webhook created.",
+    "updated": "Webhook saved.",
+    "enabled": "Webhook enabled: new events will be delivered.",
+    "disabled": "Webhook disabled: queued deliveries were ended and no new ones are made.",
+    "deleted": "Webhook deleted.",
+    "redelivered": "Redelivery queued: it appears at the top of the log.",
+    "signed-out": "You are signed out.",
+    "mcp-on": "MCP turned on for that key.",
+    "mcp-off": "MCP turned off for that key.",
+}
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    # same-origin, not no-referrer: with no-referrer Chromium sends `Origin: null` on our own
+    # form posts, which would hide a real cross-site post among them.
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+templates = Environment(
+    loader=FileSystemLoader(HERE / "templates"),
+    autoescape=select_autoescape(default=True, default_for_string=True),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+templates.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
+
+
+@dataclass
+class Visit:
+    """Who is looking at a page: a key's principal (team pages) or the operator (principal None)."""
+
+    session: DashboardSession
+    principal: Principal | None
+
+    @property
+    def can_write(self) -> bool:
+        return self.principal is not None and self.principal.has("webhooks:write")
+
+
+def build_dashboard(app: App) -> list[BaseRoute]:
+    """The dashboard's routes, for the HTTP server to mount at `/`."""
+    service = app.service
+
+    async def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(partial(fn, **kwargs))
+
+    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+        notice = NOTICES.get(request.query_params.get("notice", ""))
+        html = templates.get_template(name).render(request=request, notice=notice, **context)
+        return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+
+    def redirect(path: str, **query: Any) -> RedirectResponse:
+        q = {k: v for k, v in query.items() if v not in (None, "")}
+        return RedirectResponse(path + (f"?{urlencode(q)}" if q else ""), status_code=303)
+
+    def cross_origin(request: Request) -> bool:
+        # Defence in depth behind the token: a browser names the page's origin on a POST. An
+        # opaque "null" origin (privacy settings, sandboxed frames) is left to the token, which
+        # such a page cannot have.
+        origin = request.headers.get("origin")
+        if not origin or origin == "null":
+            return False
+        return urlsplit(origin).netloc != request.headers.get("host", "")
+
+    def set_session(response: Response, request: Request, token: str) -> None:
+        response.set_cookie(
+            SESSION_COOKIE,
+            token,
+            httponly=True,
+            samesite="strict",
+            secure=request.url.scheme == "https",
+            path="/",
+        )
+
+    async def visit(request: Request) -> Visit | None:
+        try:
+            session, principal = await call(
+                service.dashboard_session, token=request.cookies.get(SESSION_COOKIE)
+            )
+        except AuthError:
+            return None
+        return Visit(session, principal)
+
+    async def form_of(request: Request, v: Visit | None) -> dict[str, Any] | Response:
+        """The POSTed form, after the CSRF and Origin checks."""
+        form = await request.form()
+        data = {k: form.getlist(k) if k == "events" else form.get(k) for k in form}
+        expected = v.session.csrf_token if v else request.cookies.get(LOGIN_CSRF_COOKIE, "")
+        given = str(data.get("csrf") or "")
+        if cross_origin(request) or not expected or not hmac.compare_digest(given, expected):
+            return page(
+                request,
+                "error.html",
+                403,
+                visit=v,
+                title="Refused",
+                message="This form expired or came from another site. Reload the page and try again.",
+            )
+        return data
+
+    def failure(request: Request, v: Visit | None, exc: JustScanError) -> HTMLResponse:
+        status = 400
+        if isinstance(exc, InvalidInput):
+            status = 422
+        elif isinstance(exc, MissingScope):
+            status = 403
+        elif isinstance(exc, NotFound):
+            status = 404
+        elif isinstance(exc, Conflict):
+            status = 409
+        elif isinstance(exc, StoreUnavailable):
+            return page(request, "error.html", 503, visit=v, title="Unavailable", message=exc.PUBLIC)
+        return page(request, "error.html", status, visit=v, title="That did not work", message=exc.message)
+
+    def team_page(handler: Callable[[Request, Visit], Awaitable[Response]]) -> Callable[..., Any]:
+        async def wrapped(request: Request) -> Response:
+            v = await visit(request)
+            if v is None:
+                return redirect("/login")
+            if v.principal is None:
+                return redirect("/admin")
+            try:
+                return await handler(request, v)
+            except JustScanError as exc:
+                return failure(request, v, exc)
+
+        return wrapped
+
+    def admin_page(handler: Callable[[Request, Visit], Awaitable[Response]]) -> Callable[..., Any]:
+        async def wrapped(request: Request) -> Response:
+            v = await visit(request)
+            if v is None or v.principal is not None:
+                return redirect("/admin/login")
+            try:
+                return await handler(request, v)
+            except JustScanError as exc:
+                return failure(request, v, exc)
+
+        return wrapped
+
+    def webhook_id(request: Request) -> int:
+        raw = request.path_params["webhook_id"]
+        if not raw.isdigit():
+            raise NotFound("webhook_id", f"webhook {raw} does not exist in this team")
+        return int(raw)
+
+    # --- signing in and out -----------------------------------------------------------------
+
+    def login_form(request: Request, template: str, status: int = 200, error: str | None = None) -> Response:
+        token = secrets.token_urlsafe(32)
+        response = page(request, template, status, visit=None, csrf=token, error=error)
+        response.set_cookie(
+            LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
+        )
+        return response
+
+    async def home(request: Request) -> Response:
+        v = await visit(request)
+        if v is None:
+            return redirect("/login")
+        return redirect("/webhooks" if v.principal is not None else "/admin")
+
+    async def login(request: Request) -> Response:
+        if request.method == "GET":
+            return login_form(request, "login.html")
+        data = await form_of(request, None)
+        if isinstance(data, Response):
+            return data
+        try:
+            token, _ = await call(service.sign_in_with_key, raw_key=str(data.get("api_key") or ""))
+        except AuthError as exc:
+            return login_form(request, "login.html", 401, error=exc.message)
+        except StoreUnavailable as exc:
+            return login_form(request, "login.html", 503, error=exc.PUBLIC)
+        response = redirect("/webhooks")
+        set_session(response, request, token)
+        response.delete_cookie(LOGIN_CSRF_COOKIE)
+        return response
+
+    async def admin_login(request: Request) -> Response:
+        if request.method == "GET":
+            return login_form(request, "admin_login.html")
+        data = await form_of(request, None)
+        if isinstance(data, Response):
+            return data
+        try:
+            token, _ = await call(service.sign_in_operator, password=str(data.get("password") or ""))
+        except AuthError as exc:
+            return login_form(request, "admin_login.html", 401, error=exc.message)
+        response = redirect("/admin")
+        set_session(response, request, token)
+        response.delete_cookie(LOGIN_CSRF_COOKIE)
+        return response
+
+    async def logout(request: Request) -> Response:
+        v = await visit(request)
+        if v is not None:
+            data = await form_of(request, v)
+            if isinstance(data, Response):
+                return data
+            await call(service.end_dashboard_session, token=request.cookies.get(SESSION_COOKIE))
+        response = redirect("/login", notice="signed-out")
+        response.delete_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # --- Account → Webhooks -----------------------------------------------------------------
+
+    async def webhooks(request: Request, v: Visit) -> Response:
+        assert v.principal is not None
+        if request.method == "POST":
+            data = await form_of(request, v)
+            if isinstance(data, Response):
+                return data
+            try:
+                created = await call(
+                    service.create_webhook,
+                    principal=v.principal,
+                    url=str(data.get("url") or "").strip(),
+                    events=data.get("events") or [],
+                    description=str(data.get("description") or "").strip() or None,
+                )
+            except (InvalidInput, MissingScope) as exc:
+                return await webhook_list(
+                    request, v, status=403 if isinstance(exc, MissingScope) else 422, error=exc, form=data
+                )
+            return page(
+                request, "secret.html", 201, visit=v, webhook=created, secret=created.secret, rotated=False
+            )
+        return await webhook_list(request, v)
+
+    async def webhook_list(
+        request: Request,
+        v: Visit,
+        *,
+        status: int = 200,
+        error: JustScanError | None = None,
+        form: dict[str, Any] | None = None,
+    ) -> Response:
+        assert v.principal is not None
+        cursor = request.query_params.get("cursor") or None
+        summaries, next_cursor = await call(service.webhook_summaries, principal=v.principal, cursor=cursor)
+        return page(
+            request,
+            "webhooks.html",
+            status,
+            visit=v,
+            webhooks=summaries,
+            next_cursor=next_cursor,
+            events=EVENT_NAMES,
+            error=error,
+            form=form or {},
+        )
+
+    async def webhook_detail(
+        request: Request,
+        v: Visit,
+        *,
+        outcome: Any = None,
+        status: int = 200,
+        error: JustScanError | None = None,
+    ) -> Response:
+        assert v.principal is not None
+        wid = webhook_id(request)
+        hook = await call(service.get_webhook, principal=v.principal, webhook_id=wid)
+        state = request.query_params.get("state") or None
+        event = request.query_params.get("event") or None
+        cursor = request.query_params.get("cursor") or None
+        log = await call(
+            service.list_deliveries,
+            principal=v.principal,
+            webhook_id=wid,
+            state=state,
+            event=event,
+            cursor=cursor,
+            limit=50,
+        )
+        live = any(d.state in ("pending", "retrying") for d in log.deliveries)
+        return page(
+            request,
+            "webhook.html",
+            status,
+            visit=v,
+            webhook=hook,
+            log=log,
+            live=live,
+            state=state,
+            event=event,
+            states=DELIVERY_STATES,
+            events=(*EVENT_NAMES, "test"),
+            all_events=EVENT_NAMES,
+            outcome=outcome,
+            error=error,
+            preview=BODY_PREVIEW,
+        )
+
+    async def webhook_get(request: Request, v: Visit) -> Response:
+        return await webhook_detail(request, v)
+
+    async def webhook_action(request: Request, v: Visit) -> Response:
+        assert v.principal is not None
+        action = request.path_params["action"]
+        wid = webhook_id(request)
+        data = await form_of(request, v)
+        if isinstance(data, Response):
+            return data
+        p = v.principal
+        try:
+            if action == "edit":
+                changes = {
+                    "url": str(data.get("url") or "").strip(),
+                    "events": data.get("events") or [],
+                    "description": str(data.get("description") or "").strip(),
+                }
+                await call(service.update_webhook, principal=p, webhook_id=wid, changes=changes)
+                return redirect(f"/webhooks/{wid}", notice="updated")
+            if action == "active":
+                on = data.get("active") == "true"
+                await call(service.update_webhook, principal=p, webhook_id=wid, changes={"active": on})
+                return redirect(f"/webhooks/{wid}", notice="enabled" if on else "disabled")
+            if action == "rotate":
+                rotated = await call(service.rotate_secret, principal=p, webhook_id=wid)
+                hook = await call(service.get_webhook, principal=p, webhook_id=wid)
+                return page(
+                    request, "secret.html", 200, visit=v, webhook=hook, secret=rotated.secret, rotated=rotated
+                )
+            if action == "test":
+                outcome = await app.send_test_and_wait(principal=p, webhook_id=wid)
+                return await webhook_detail(request, v, outcome=outcome)
+            if action == "delete":
+                await call(service.delete_webhook, principal=p, webhook_id=wid)
+                return redirect("/webhooks", notice="deleted")
+        except (InvalidInput, MissingScope, Conflict) as exc:
+            status = 403 if isinstance(exc, MissingScope) else 409 if isinstance(exc, Conflict) else 422
+            return await webhook_detail(request, v, status=status, error=exc)
+        raise NotFound("action", f"no such action: {action}")
+
+    async def confirm_delete(request: Request, v: Visit) -> Response:
+        assert v.principal is not None
+        hook = await call(service.get_webhook, principal=v.principal, webhook_id=webhook_id(request))
+        return page(request, "confirm_delete.html", visit=v, webhook=hook)
+
+    async def redeliver(request: Request, v: Visit) -> Response:
+        assert v.principal is not None
+        data = await form_of(request, v)
+        if isinstance(data, Response):
+            return data
+        raw = request.path_params["delivery_id"]
+        if not raw.isdigit():
+            raise NotFound("delivery_id", f"delivery {raw} does not exist in this team")
+        copy = await call(service.redeliver, principal=v.principal, delivery_id=int(raw))
+        return redirect(f"/webhooks/{copy.webhook_id}", notice="redelivered")
+
+    # --- the admin area ---------------------------------------------------------------------
+
+    async def admin(request: Request, v: Visit) -> Response:
+        overview = await call(service.admin_overview)
+        names = {t.id: t.name for t in overview.teams}
+        return page(request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW)
+
+    async def admin_keys(request: Request, v: Visit) -> Response:
+        if request.method == "POST":
+            data = await form_of(request, v)
+            if isinstance(data, Response):
+                return data
+            raw = request.path_params.get("key_id", "")
+            if not raw.isdigit():
+                raise NotFound("key", f"API key {raw} does not exist")
+            on = data.get("mcp_enabled") == "true"
+            await call(service.update_api_key, key_id=int(raw), mcp_enabled=on)
+            return redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
+        teams = await call(service.list_teams)
+        keys = {t.id: await call(service.list_api_keys, team_id=t.id) for t in teams}
+        return page(request, "admin_keys.html", visit=v, teams=teams, keys=keys)
+
+    return [
+        Route("/", home, methods=["GET"]),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/webhooks", team_page(webhooks), methods=["GET", "POST"]),
+        Route("/webhooks/{webhook_id}", team_page(webhook_get), methods=["GET"]),
+        Route("/webhooks/{webhook_id}/delete", team_page(confirm_delete), methods=["GET"]),
+        Route("/webhooks/{webhook_id}/{action}", team_page(webhook_action), methods=["POST"]),
+        Route("/deliveries/{delivery_id}/redeliver", team_page(redeliver), methods=["POST"]),
+        Route("/admin/login", admin_login, methods=["GET", "POST"]),
+        Route("/admin", admin_page(admin), methods=["GET"]),
+        Route("/admin/keys", admin_page(admin_keys), methods=["GET"]),
+        Route("/admin/keys/{key_id}/mcp", admin_page(admin_keys), methods=["POST"]),
+        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+    ]

@@ -1,0 +1,184 @@
+"""The dashboard in a real headless browser: Debian's Chromium driven by Playwright for Python.
+
+A person signs in with an API key and creates a webhook pointing at a real receiver on
+127.0.0.1. They send a test delivery and read its status code on the page (the receiver's
+HTML-looking body is shown as text, never run), then disable the webhook. Another team's
+webhook is refused. An operator turns a key's MCP switch off, and a real MCP client sees it.
+
+With JUSTSCAN_SCREENSHOTS=DIR the main pages are saved there as PNG (docs/ holds the committed
+ones); otherwise into the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
+from tests.conftest import PUBLIC_URL, child_env, in_ci, make_team, spawn_server
+from tests.receiver import Receiver, Reply
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = "/usr/bin/chromium"
+ADMIN_PASSWORD = "operator password for the browser test"
+HOSTILE_BODY = b'<script>window.__pwned = 1</script><img src=x onerror="window.__pwned=2">accepted'
+
+
+@pytest.fixture
+def chromium() -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        if in_ci():
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"],
+        )
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def shots_dir(tmp_path: Path) -> Path:
+    target = Path(os.environ.get("JUSTSCAN_SCREENSHOTS") or tmp_path / "shots")
+    target.mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def mcp_tools(base: str, key: str) -> list[str] | str:
+    """What a real MCP client (the SDK's, over streamable HTTP) gets with this key."""
+
+    async def go() -> list[str] | str:
+        try:
+            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=30)
+            async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
+                return sorted(t.name for t in (await c.list_tools()).tools)
+        except Exception as exc:  # the SDK reports an HTTP refusal as an error
+            return f"refused: {exc!r}"
+
+    # In a thread of its own: Playwright's sync API holds this thread's event loop.
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(anyio.run, go).result()
+
+
+def test_dashboard_in_a_real_browser(chromium: Any, tmp_path: Path):
+    db_url = f"sqlite:///{tmp_path / 'dashboard.db'}"
+    app = App.build(Settings(database_url=db_url))
+    app.store.migrate()
+    app.prepare()
+    kit = make_team(app, "browser")
+    other = make_team(app, "elsewhere")
+    theirs = app.service.create_webhook(principal=other.principal(), url=PUBLIC_URL, events=["scan"])
+    shots = shots_dir(tmp_path)
+    env = child_env(
+        db_url,
+        JUSTSCAN_ALLOW_PRIVATE_TARGETS="1",
+        JUSTSCAN_ADMIN_PASSWORD=ADMIN_PASSWORD,
+        JUSTSCAN_POLL_INTERVAL="0.2",
+    )
+    with Receiver() as receiver, spawn_server(env, tmp_path / "server.log") as server:
+        # The other team's webhook points at a public address: make sure nothing ever sends
+        # to it (it has no events; this server only ever gets a test for our own webhook).
+        receiver.expect("/dash", Reply(202, body=HOSTILE_BODY))
+        context = chromium.new_context(viewport={"width": 1200, "height": 900})
+        page = context.new_page()
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+
+        page.goto(server.base + "/")
+        assert page.url.endswith("/login")
+        page.screenshot(path=str(shots / "dashboard-sign-in.png"))
+        page.get_by_label("API key").fill(kit.rw.key)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("heading", name="Account → Webhooks").wait_for()
+
+        page.get_by_label("Endpoint URL").fill(receiver.url("/dash"))
+        page.get_by_label("scan", exact=True).check()
+        page.get_by_label("Description (optional)").fill("Zapier bridge")
+        page.get_by_role("button", name="Create webhook").click()
+        page.get_by_role("heading", name="Webhook created").wait_for()
+        secret = page.locator("#secret").input_value()
+        assert secret.startswith("whsec_")
+        receiver.secrets["/dash"] = secret  # the receiver checks every signature with it
+        page.screenshot(path=str(shots / "dashboard-secret-once.png"))
+
+        page.get_by_role("link", name="Go to the webhook").click()
+        hook_id = int(re.search(r"/webhooks/(\d+)$", page.url).group(1))  # type: ignore[union-attr]
+        page.get_by_role("button", name="Send test delivery").click()
+        status = page.locator("[data-test-status]")
+        status.wait_for()
+        assert status.inner_text() == "202"
+        (got,) = receiver.at("/dash")
+        assert got.verified
+        # The receiver's body is on the page as text, twice (outcome and log), and never ran.
+        assert page.get_by_text("<script>window.__pwned = 1</script>", exact=False).count() >= 1
+        assert page.evaluate("window.__pwned") is None and dialogs == []
+        row = page.locator("tr[data-delivery]").first
+        assert "succeeded" in row.inner_text() and "202" in row.inner_text()
+        page.screenshot(path=str(shots / "dashboard-webhook-and-log.png"), full_page=True)
+
+        page.get_by_role("button", name="Disable").click()
+        page.get_by_text("Webhook disabled").wait_for()
+        assert page.get_by_role("button", name="Enable").is_visible()
+        assert app.service.get_webhook(principal=kit.principal(), webhook_id=hook_id).active is False
+
+        page.goto(server.base + "/webhooks")
+        assert "disabled" in page.locator("tbody tr").first.inner_text()
+        page.screenshot(path=str(shots / "dashboard-webhooks.png"), full_page=True)
+
+        refused = page.goto(f"{server.base}/webhooks/{theirs.id}")
+        assert refused is not None and refused.status == 404
+        assert "does not exist in this team" in page.inner_text("main")
+
+        # A phone-sized viewport still shows the log and its actions.
+        phone = chromium.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+        phone.add_cookies(context.cookies())
+        small = phone.new_page()
+        small.goto(f"{server.base}/webhooks/{hook_id}")
+        assert small.get_by_role("button", name="Enable").is_visible()
+        small.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
+        phone.close()
+
+        # The operator: the API key page and its MCP switch, seen by a real MCP client.
+        before = mcp_tools(server.base, kit.rw.key)
+        assert isinstance(before, list) and "create_webhook" in before, before
+        op = chromium.new_context(viewport={"width": 1200, "height": 900}).new_page()
+        op.goto(server.base + "/admin/login")
+        op.get_by_label("Admin password").fill(ADMIN_PASSWORD)
+        op.get_by_role("button", name="Sign in").click()
+        op.get_by_role("heading", name="Admin: all teams").wait_for()
+        assert f"#{theirs.id} {PUBLIC_URL}" in op.inner_text("main")
+        assert receiver.url("/dash") in op.inner_text("main")
+        op.screenshot(path=str(shots / "dashboard-admin.png"), full_page=True)
+        op.get_by_role("link", name="API keys").click()
+        op.get_by_role("button", name=f"Turn MCP off for key {kit.rw.id}").click()
+        op.get_by_text("MCP turned off for that key.").wait_for()
+        assert op.locator(f'tr[data-key="{kit.rw.id}"] [data-mcp]').inner_text() == "off"
+        op.screenshot(path=str(shots / "dashboard-api-keys.png"), full_page=True)
+        seen = mcp_tools(server.base, kit.rw.key)
+        assert isinstance(seen, str) and seen.startswith("refused"), seen
+        op.get_by_role("button", name=f"Turn MCP on for key {kit.rw.id}").click()
+        op.get_by_text("MCP turned on for that key.").wait_for()
+        assert isinstance(mcp_tools(server.base, kit.rw.key), list)
+        context.close()
+    log = (tmp_path / "server.log").read_text()
+    for value in (kit.rw.key, secret, ADMIN_PASSWORD):
+        assert value not in log
+    assert [r.path for r in receiver.received] == ["/dash"]  # nothing else was ever sent
+    app.close()
