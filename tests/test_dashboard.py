@@ -247,3 +247,29 @@ def test_no_key_secret_or_password_reaches_the_server_log(dash: HttpServer, kit:
     assert "POST /webhooks" in log
     for value in (kit.rw.key, secret, ADMIN_PASSWORD, csrf):
         assert value not in log
+
+
+def test_log_shows_open_work_live_and_redeliver_queues_a_linked_copy(
+    dash: HttpServer, app: App, kit: TeamKit
+):
+    hook = app.service.create_webhook(principal=kit.principal(), url=PUBLIC_URL, events=["scan"])
+    (did,) = app.service.emit_event(
+        team_id=kit.team.id, event="scan", data={"qr_code_id": 9, "scan_id": 1}
+    ).deliveries
+    c, csrf = sign_in(dash, kit.rw.key)
+    page = c.get(f"/webhooks/{hook.id}")
+    # This server has no dispatcher: the delivery stays pending and the page keeps refreshing.
+    assert f'data-delivery="{did}"' in page.text and 'data-live="1"' in page.text
+    again = c.post(f"/deliveries/{did}/redeliver", data={"csrf": csrf})
+    assert again.url.path == f"/webhooks/{hook.id}" and "Redelivery queued" in again.text
+    log = app.service.list_deliveries(principal=kit.principal(), webhook_id=hook.id).deliveries
+    assert [d.redelivery_of for d in log] == [did, None]
+    other = make_team(app, "redeliver-other")
+    theirs = app.service.create_webhook(principal=other.principal(), url=PUBLIC_URL, events=["scan"])
+    (foreign,) = app.service.emit_event(
+        team_id=other.team.id, event="scan", data={"qr_code_id": 9, "scan_id": 2}
+    ).deliveries
+    refused = c.post(f"/deliveries/{foreign}/redeliver", data={"csrf": csrf})
+    assert refused.status_code == 404
+    assert len(app.service.list_deliveries(principal=other.principal(), webhook_id=theirs.id).deliveries) == 1
+    assert c.post(f"/deliveries/{did}/redeliver", data={"csrf": "x"}).status_code == 403
