@@ -22,6 +22,7 @@ from justscan_mcp import __version__
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import JustScanError
 from justscan_mcp.models import DEFAULT_KEY_SCOPES
+from justscan_mcp.retry import DELIVERY_STATES
 
 log = logging.getLogger("justscan_mcp")
 
@@ -528,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p = add(sub, "deliveries", cmd_deliveries, "show a webhook's delivery log, newest first")
     p.add_argument("--webhook", type=_positive_int, required=True, metavar="ID")
-    p.add_argument("--state", choices=["pending", "retrying", "succeeded", "failed"])
+    p.add_argument("--state", choices=DELIVERY_STATES)
     p.add_argument("--limit", type=_positive_int, default=20, help="1 to 100 (default 20)")
 
     webhook = sub.add_parser("webhook", help="manage a team's webhooks as the operator").add_subparsers(

@@ -47,7 +47,7 @@ from justscan_mcp.errors import (
     NotFound,
     StoreUnavailable,
 )
-from justscan_mcp.models import EVENT_NAMES, DashboardSession, Principal
+from justscan_mcp.models import EVENT_NAMES, OPEN_STATES, DashboardSession, Principal
 from justscan_mcp.retry import DELIVERY_STATES
 
 HERE = Path(__file__).parent
@@ -339,7 +339,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             cursor=cursor,
             limit=50,
         )
-        live = any(d.state in ("pending", "retrying") for d in log.deliveries)
+        live = any(d.state in OPEN_STATES for d in log.deliveries)
         return page(
             request,
             "webhook.html",

@@ -23,6 +23,7 @@ from justscan_mcp.models import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     MAX_ID,
+    OPEN_STATES,
     SCOPES,
     AdminOverview,
     ApiKey,
@@ -769,6 +770,6 @@ def _delivery_public(d: Delivery, attempts: list[DeliveryAttempt]) -> DeliveryPu
         redelivery_of=d.redelivery_of,
         note=d.note,
         created_at=d.created_at,
-        next_attempt_at=d.next_attempt_at if d.state in ("pending", "retrying") else None,
+        next_attempt_at=d.next_attempt_at if d.state in OPEN_STATES else None,
         attempts=[AttemptPublic.model_validate(a) for a in attempts],
     )

@@ -114,6 +114,11 @@ class Store:
         result = utc.result_processor(engine.dialect, None)
         self._dt_bind: Callable[[datetime | None], Any] = bind or (lambda v: v)
         self._dt_result: Callable[[Any], datetime | None] = result or (lambda v: v)
+        self._mark = "?" if engine.dialect.name == "sqlite" else "%s"  # the driver's placeholder
+        dbapi = engine.dialect.dbapi
+        self._driver_errors: tuple[type[BaseException], ...] = (
+            (dbapi.OperationalError, dbapi.InterfaceError) if dbapi is not None else ()
+        )
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -136,13 +141,21 @@ class Store:
         Raises:
             StoreUnavailable: when the database cannot be reached.
         """
+        with self._transaction(write=write), Session(self.engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[None]:
+        """What every transaction shares, ORM or driver SQL: the SQLite BEGIN mode, and database
+        outages (wrapped by SQLAlchemy or raised by the driver itself) as StoreUnavailable."""
         mode = _sqlite_begin.set("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
-            with Session(self.engine, expire_on_commit=False) as session:
-                yield session
-                session.commit()
+            yield
         except (OperationalError, SAInterfaceError) as exc:
             raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        except self._driver_errors as exc:
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
         finally:
             _sqlite_begin.reset(mode)
 
@@ -517,34 +530,17 @@ class Store:
         Raises:
             StoreUnavailable: when the database cannot be reached.
         """
-        mode = _sqlite_begin.set("BEGIN IMMEDIATE" if write else "BEGIN")
-        try:
-            with self.engine.begin() as conn:
-                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    yield cur
-                finally:
-                    cur.close()
-        except (OperationalError, SAInterfaceError) as exc:
-            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
-        except self._driver_errors as exc:
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
-        finally:
-            _sqlite_begin.reset(mode)
-
-    @property
-    def _driver_errors(self) -> tuple[type[BaseException], ...]:
-        dbapi = self.engine.dialect.dbapi
-        return (dbapi.OperationalError, dbapi.InterfaceError) if dbapi is not None else ()
+        with self._transaction(write=write), self.engine.begin() as conn:
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                yield cur
+            finally:
+                cur.close()
 
     # The f-strings in these statements only ever insert placeholders and constants (S608 below).
 
     def _marks(self, n: int) -> str:
         return ", ".join([self._mark] * n)
-
-    @property
-    def _mark(self) -> str:
-        return "?" if self.backend == "sqlite" else "%s"
 
     def claim_due(self, *, worker: str, now: datetime, lease_until: datetime, limit: int) -> list[Claimed]:
         """Lease up to `limit` due deliveries to `worker`, atomically.
