@@ -90,6 +90,14 @@ templates = Environment(
 templates.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
 
 
+def status_of(exc: JustScanError) -> int:
+    """The HTTP status of a refused action, as the REST API answers it."""
+    for kind, status in ((InvalidInput, 422), (MissingScope, 403), (NotFound, 404), (Conflict, 409)):
+        if isinstance(exc, kind):
+            return status
+    return 400
+
+
 @dataclass
 class Visit:
     """Who is looking at a page: a key's principal (team pages) or the operator (principal None)."""
@@ -164,41 +172,28 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         return data
 
     def failure(request: Request, v: Visit | None, exc: JustScanError) -> HTMLResponse:
-        status = 400
-        if isinstance(exc, InvalidInput):
-            status = 422
-        elif isinstance(exc, MissingScope):
-            status = 403
-        elif isinstance(exc, NotFound):
-            status = 404
-        elif isinstance(exc, Conflict):
-            status = 409
-        elif isinstance(exc, StoreUnavailable):
+        if isinstance(exc, StoreUnavailable):
             return page(request, "error.html", 503, visit=v, title="Unavailable", message=exc.PUBLIC)
-        return page(request, "error.html", status, visit=v, title="That did not work", message=exc.message)
+        return page(
+            request, "error.html", status_of(exc), visit=v, title="That did not work", message=exc.message
+        )
 
-    def team_page(handler: Callable[[Request, Visit], Awaitable[Response]]) -> Callable[..., Any]:
+    def guarded(
+        handler: Callable[[Request, Visit], Awaitable[Response]], *, operator: bool
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """A page for a key session (team pages) or for the operator (admin pages); anyone else
+        is sent to the matching sign-in, and service errors become an error page."""
+
         async def wrapped(request: Request) -> Response:
-            v = await visit(request)
-            if v is None:
-                return redirect("/login")
-            if v.principal is None:
-                return redirect("/admin")
+            v = None
             try:
+                v = await visit(request)
+                if v is None:
+                    return redirect("/admin/login" if operator else "/login")
+                if (v.principal is None) != operator:
+                    return redirect("/admin/login" if operator else "/admin")
                 return await handler(request, v)
-            except JustScanError as exc:
-                return failure(request, v, exc)
-
-        return wrapped
-
-    def admin_page(handler: Callable[[Request, Visit], Awaitable[Response]]) -> Callable[..., Any]:
-        async def wrapped(request: Request) -> Response:
-            v = await visit(request)
-            if v is None or v.principal is not None:
-                return redirect("/admin/login")
-            try:
-                return await handler(request, v)
-            except JustScanError as exc:
+            except JustScanError as exc:  # the session lookup too: an outage is a 503 page
                 return failure(request, v, exc)
 
         return wrapped
@@ -225,37 +220,29 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             return redirect("/login")
         return redirect("/webhooks" if v.principal is not None else "/admin")
 
-    async def login(request: Request) -> Response:
-        if request.method == "GET":
-            return login_form(request, "login.html")
-        data = await form_of(request, None)
-        if isinstance(data, Response):
-            return data
-        try:
-            token, _ = await call(service.sign_in_with_key, raw_key=str(data.get("api_key") or ""))
-        except AuthError as exc:
-            return login_form(request, "login.html", 401, error=exc.message)
-        except StoreUnavailable as exc:
-            return login_form(request, "login.html", 503, error=exc.PUBLIC)
-        response = redirect("/webhooks")
-        set_session(response, request, token)
-        response.delete_cookie(LOGIN_CSRF_COOKIE)
-        return response
+    def sign_in_route(
+        template: str, field: str, sign_in: Callable[[str], tuple[str, Any]], landing: str
+    ) -> Callable[[Request], Awaitable[Response]]:
+        """GET shows the form; POST checks its credential (`field`) and starts a session."""
 
-    async def admin_login(request: Request) -> Response:
-        if request.method == "GET":
-            return login_form(request, "admin_login.html")
-        data = await form_of(request, None)
-        if isinstance(data, Response):
-            return data
-        try:
-            token, _ = await call(service.sign_in_operator, password=str(data.get("password") or ""))
-        except AuthError as exc:
-            return login_form(request, "admin_login.html", 401, error=exc.message)
-        response = redirect("/admin")
-        set_session(response, request, token)
-        response.delete_cookie(LOGIN_CSRF_COOKIE)
-        return response
+        async def route(request: Request) -> Response:
+            if request.method == "GET":
+                return login_form(request, template)
+            data = await form_of(request, None)
+            if isinstance(data, Response):
+                return data
+            try:
+                token, _ = await anyio.to_thread.run_sync(sign_in, str(data.get(field) or ""))
+            except AuthError as exc:
+                return login_form(request, template, 401, error=exc.message)
+            except StoreUnavailable as exc:
+                return login_form(request, template, 503, error=exc.PUBLIC)
+            response = redirect(landing)
+            set_session(response, request, token)
+            response.delete_cookie(LOGIN_CSRF_COOKIE)
+            return response
+
+        return route
 
     async def logout(request: Request) -> Response:
         v = await visit(request)
@@ -285,9 +272,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
                     description=str(data.get("description") or "").strip() or None,
                 )
             except (InvalidInput, MissingScope) as exc:
-                return await webhook_list(
-                    request, v, status=403 if isinstance(exc, MissingScope) else 422, error=exc, form=data
-                )
+                return await webhook_list(request, v, status=status_of(exc), error=exc, form=data)
             return page(
                 request, "secret.html", 201, visit=v, webhook=created, secret=created.secret, rotated=False
             )
@@ -395,8 +380,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
                 await call(service.delete_webhook, principal=p, webhook_id=wid)
                 return redirect("/webhooks", notice="deleted")
         except (InvalidInput, MissingScope, Conflict) as exc:
-            status = 403 if isinstance(exc, MissingScope) else 409 if isinstance(exc, Conflict) else 422
-            return await webhook_detail(request, v, status=status, error=exc)
+            return await webhook_detail(request, v, status=status_of(exc), error=exc)
         raise NotFound("action", f"no such action: {action}")
 
     async def confirm_delete(request: Request, v: Visit) -> Response:
@@ -439,16 +423,24 @@ def build_dashboard(app: App) -> list[BaseRoute]:
 
     return [
         Route("/", home, methods=["GET"]),
-        Route("/login", login, methods=["GET", "POST"]),
+        Route(
+            "/login",
+            sign_in_route("login.html", "api_key", service.sign_in_with_key, "/webhooks"),
+            methods=["GET", "POST"],
+        ),
         Route("/logout", logout, methods=["POST"]),
-        Route("/webhooks", team_page(webhooks), methods=["GET", "POST"]),
-        Route("/webhooks/{webhook_id}", team_page(webhook_get), methods=["GET"]),
-        Route("/webhooks/{webhook_id}/delete", team_page(confirm_delete), methods=["GET"]),
-        Route("/webhooks/{webhook_id}/{action}", team_page(webhook_action), methods=["POST"]),
-        Route("/deliveries/{delivery_id}/redeliver", team_page(redeliver), methods=["POST"]),
-        Route("/admin/login", admin_login, methods=["GET", "POST"]),
-        Route("/admin", admin_page(admin), methods=["GET"]),
-        Route("/admin/keys", admin_page(admin_keys), methods=["GET"]),
-        Route("/admin/keys/{key_id}/mcp", admin_page(admin_keys), methods=["POST"]),
+        Route("/webhooks", guarded(webhooks, operator=False), methods=["GET", "POST"]),
+        Route("/webhooks/{webhook_id}", guarded(webhook_get, operator=False), methods=["GET"]),
+        Route("/webhooks/{webhook_id}/delete", guarded(confirm_delete, operator=False), methods=["GET"]),
+        Route("/webhooks/{webhook_id}/{action}", guarded(webhook_action, operator=False), methods=["POST"]),
+        Route("/deliveries/{delivery_id}/redeliver", guarded(redeliver, operator=False), methods=["POST"]),
+        Route(
+            "/admin/login",
+            sign_in_route("admin_login.html", "password", service.sign_in_operator, "/admin"),
+            methods=["GET", "POST"],
+        ),
+        Route("/admin", guarded(admin, operator=True), methods=["GET"]),
+        Route("/admin/keys", guarded(admin_keys, operator=True), methods=["GET"]),
+        Route("/admin/keys/{key_id}/mcp", guarded(admin_keys, operator=True), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]
