@@ -273,3 +273,17 @@ def test_log_shows_open_work_live_and_redeliver_queues_a_linked_copy(
     assert refused.status_code == 404
     assert len(app.service.list_deliveries(principal=other.principal(), webhook_id=theirs.id).deliveries) == 1
     assert c.post(f"/deliveries/{did}/redeliver", data={"csrf": "x"}).status_code == 403
+
+
+def test_failing_deliveries_name_their_webhook_even_beyond_the_listed_webhooks(app: App, kit: TeamKit):
+    first = make_team(app, "first")  # the oldest webhook overall is not this test's
+    app.service.create_webhook(principal=first.principal(), url=PUBLIC_URL, events=["scan"])
+    hook = app.service.create_webhook(principal=kit.principal(), url=PUBLIC_URL + "/late", events=["scan"])
+    (did,) = app.service.emit_event(
+        team_id=kit.team.id, event="scan", data={"qr_code_id": 3, "scan_id": 3}
+    ).deliveries
+    app.service.update_webhook(principal=kit.principal(), webhook_id=hook.id, changes={"active": False})
+    overview = app.service.admin_overview(limit=1)  # one webhook listed, and it is not ours
+    assert [w.id for w in overview.webhooks] != [hook.id]
+    (failing,) = overview.failing
+    assert (failing.id, failing.state, failing.team_id, failing.url) == (did, "failed", kit.team.id, hook.url)

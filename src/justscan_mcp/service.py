@@ -590,12 +590,12 @@ class Service:
         newest failed or retrying deliveries."""
         hooks = [WebhookPublic.model_validate(w) for w in self.store.all_webhooks(limit=limit)]
         last = self.store.last_deliveries([w.id for w in hooks])
-        urls = {w.id: (w.team_id, w.url) for w in hooks}
-        failing = []
-        for d, attempt in self.store.failing_deliveries(limit=limit):
-            team_id, url = urls.get(d.webhook_id) or (d.team_id, "")
-            public = _delivery_public(d, [attempt] if attempt else [])
-            failing.append(FailingDelivery(**public.model_dump(), team_id=team_id, url=url))
+        failing = [
+            FailingDelivery(
+                **_delivery_public(d, [attempt] if attempt else []).model_dump(), team_id=d.team_id, url=url
+            )
+            for d, attempt, url in self.store.failing_deliveries(limit=limit)
+        ]
         return AdminOverview(
             teams=self.list_teams(), webhooks=[_summary(w, last.get(w.id)) for w in hooks], failing=failing
         )

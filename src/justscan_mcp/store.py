@@ -748,18 +748,19 @@ class Store:
         with self.session() as s:
             return s.exec(select(Webhook).order_by(col(Webhook.id)).limit(limit)).all()
 
-    def failing_deliveries(self, *, limit: int) -> list[tuple[Delivery, DeliveryAttempt | None]]:
+    def failing_deliveries(self, *, limit: int) -> list[tuple[Delivery, DeliveryAttempt | None, str]]:
         """Operator view: failed and retrying deliveries of every team, newest first, each with
-        its latest attempt."""
+        its latest attempt and its webhook's URL."""
         with self.session() as s:
             rows = s.exec(
-                select(Delivery)
+                select(Delivery, Webhook.url)
+                .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
                 .where(col(Delivery.state).in_(("failed", "retrying")))
                 .order_by(col(Delivery.id).desc())
                 .limit(limit)
             ).all()
             latest: dict[int, DeliveryAttempt] = {}
-            ids = [d.id for d in rows if d.id is not None]
+            ids = [d.id for d, _ in rows if d.id is not None]
             if ids:
                 for a in s.exec(
                     select(DeliveryAttempt)
@@ -767,7 +768,7 @@ class Store:
                     .order_by(col(DeliveryAttempt.number))
                 ).all():
                     latest[a.delivery_id] = a
-            return [(d, latest.get(d.id or 0)) for d in rows]
+            return [(d, latest.get(d.id or 0), url) for d, url in rows]
 
     # --- dashboard sessions -----------------------------------------------------------------
 
