@@ -9,6 +9,7 @@ Tests never share teams: each makes its own with a unique name, so one database 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pytest
@@ -63,6 +64,20 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+def missing(what: str, remedy: str) -> NoReturn:
+    """Something a test needs is not here: a failure under CI=true (CI must run every test), a
+    skip elsewhere."""
+    message = f"{what} is missing: {remedy}"
+    if in_ci():
+        pytest.fail(f"CI=true but {message}")
+    pytest.skip(message)
+
+
+def program(name: str, remedy: str) -> str:
+    """The path of a program on PATH, or `missing`."""
+    return shutil.which(name) or missing(name, remedy)
+
+
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
@@ -94,11 +109,7 @@ def _db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'justscan.db'}"
     base = request.getfixturevalue("pg_base_url")
     if base is None:
-        if in_ci():
-            pytest.fail(
-                "CI=true but JUSTSCAN_TEST_DATABASE_URL is not set: the PostgreSQL tests must run in CI"
-            )
-        pytest.skip("set JUSTSCAN_TEST_DATABASE_URL to run the PostgreSQL half")
+        missing("JUSTSCAN_TEST_DATABASE_URL", "set it to run the PostgreSQL half")
     return str(base)
 
 
@@ -268,7 +279,5 @@ def js_packages() -> Path:
     """tests/js with its npm packages installed (`npm ci --prefix tests/js`, which .ci/run does):
     the official MCP TypeScript SDK, the MCP conformance suite and Node 22 for it."""
     if not (JS_DIR / "node_modules" / "@modelcontextprotocol" / "sdk").is_dir():
-        if in_ci():
-            pytest.fail("tests/js/node_modules is missing: run `npm ci --prefix tests/js`")
-        pytest.skip("npm packages not installed: run `npm ci --prefix tests/js`")
+        missing("tests/js/node_modules", "run `npm ci --prefix tests/js`")
     return JS_DIR

@@ -10,7 +10,6 @@ unexpected failure and on a listed scenario that passes.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import child_env, free_port, js_packages, spawn_server, stop_process, wait_for
+from tests.test_cli import ok_json
 
 MUST_PASS = ("server-initialize", "ping", "tools-list", "dns-rebinding-protection")
 
@@ -34,22 +34,8 @@ def test_conformance_suite_over_streamable_http(tmp_path: Path):
     assert not listed & set(MUST_PASS)
 
     db_url = f"sqlite:///{tmp_path / 'conformance.db'}"
-    made = subprocess.run(
-        [sys.executable, "-m", "justscan_mcp", "team", "create", "conformance", "--json"],
-        env=child_env(db_url),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert '"id"' in made.stdout
-    key = subprocess.run(
-        [sys.executable, "-m", "justscan_mcp", "key", "create", "--team", "1", "--json"],
-        env=child_env(db_url),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    bearer = json.loads(key.stdout)["key"]
+    team = ok_json(db_url, "team", "create", "conformance")
+    bearer = ok_json(db_url, "key", "create", "--team", str(team["id"]))["key"]
     pport = free_port()
     with spawn_server(
         child_env(db_url), tmp_path / "server.log", "--no-dispatcher", "--allowed-host", f"127.0.0.1:{pport}"

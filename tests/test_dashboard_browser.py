@@ -26,7 +26,7 @@ from mcp.client.streamable_http import streamable_http_client
 
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
-from tests.conftest import PUBLIC_URL, child_env, in_ci, make_team, spawn_server
+from tests.conftest import PUBLIC_URL, child_env, make_team, missing, spawn_server
 from tests.receiver import Receiver, Reply
 
 pytestmark = pytest.mark.slow
@@ -39,9 +39,7 @@ HOSTILE_BODY = b'<script>window.__pwned = 1</script><img src=x onerror="window._
 @pytest.fixture
 def chromium() -> Iterator[Any]:
     if not Path(CHROMIUM).exists():
-        if in_ci():
-            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
-        pytest.skip("Debian's chromium is not installed")
+        missing(CHROMIUM, "install Debian's chromium (.ci/run does)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

@@ -5,11 +5,8 @@ an invalid argument, and the refusal for a missing scope (tests/js/mcp_client.mj
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-
-import pytest
 
 from tests.conftest import (
     ALL_TOOLS,
@@ -18,18 +15,14 @@ from tests.conftest import (
     HttpServer,
     TeamKit,
     child_env,
-    in_ci,
     js_packages,
+    program,
 )
 
 
 def run_client(mode: str, env: dict[str, str]) -> dict:
     js = js_packages()
-    node = shutil.which("node")
-    if node is None:
-        if in_ci():
-            pytest.fail("node is missing")
-        pytest.skip("node is not installed")
+    node = program("node", "install Node.js 18 or newer")
     proc = subprocess.run(
         [node, str(js / "mcp_client.mjs"), mode],
         env=env,

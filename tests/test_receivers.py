@@ -10,7 +10,6 @@ the second refused (401, logged on the attempt, `retrying`).
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import httpx
 import pytest
 
 from justscan_mcp.signing import guide_signature, standard_signatures
-from tests.conftest import child_env, free_port, in_ci, spawn_worker, stop_process, wait_for
+from tests.conftest import child_env, free_port, program, spawn_worker, stop_process, wait_for
 from tests.tcpproxy import TcpProxy
 from tests.test_cli import ok_json
 
@@ -37,19 +36,19 @@ def receiver_command(kind: str, port: int) -> list[str]:
     if kind == "python-standardwebhooks":
         return [sys.executable, str(EXAMPLES / "python-standardwebhooks" / "receiver.py"), str(port)]
     if kind == "node":
-        return [need("node"), str(EXAMPLES / "node" / "receiver.mjs"), str(port)]
+        return [
+            program("node", "install Node.js 18 or newer"),
+            str(EXAMPLES / "node" / "receiver.mjs"),
+            str(port),
+        ]
     if kind == "php":
-        return [need("php"), "-S", f"127.0.0.1:{port}", str(EXAMPLES / "php" / "receiver.php")]
+        return [
+            program("php", "install Debian's php-cli (.ci/run does)"),
+            "-S",
+            f"127.0.0.1:{port}",
+            str(EXAMPLES / "php" / "receiver.php"),
+        ]
     raise AssertionError(kind)
-
-
-def need(program: str) -> str:
-    path = shutil.which(program)
-    if path is None:
-        if in_ci():
-            pytest.fail(f"{program} is missing: .ci/run installs it")
-        pytest.skip(f"{program} is not installed")
-    return path
 
 
 def port_open(port: int) -> bool:

@@ -25,8 +25,8 @@ from justscan_mcp.store import Store
 from tests.conftest import (
     child_env,
     free_port,
-    in_ci,
     make_team,
+    missing,
     spawn_server,
     spawn_worker,
     stop_process,
@@ -47,9 +47,7 @@ FAST = {
 @pytest.fixture(scope="module")
 def pg_url(pg_base_url: str | None) -> str:
     if pg_base_url is None:
-        if in_ci():
-            pytest.fail("CI=true but JUSTSCAN_TEST_DATABASE_URL is not set")
-        pytest.skip("scale-out runs on PostgreSQL: set JUSTSCAN_TEST_DATABASE_URL")
+        missing("JUSTSCAN_TEST_DATABASE_URL", "scale-out runs on PostgreSQL; set it")
     store = Store.from_url(pg_base_url)
     store.migrate()
     store.close()
