@@ -371,19 +371,16 @@ def mcp_latency(tmp: Path, quick: bool) -> None:
             await mcp_calls(c, 10)  # warm up
             return await mcp_calls(c, calls)
 
-    listed, created = asyncio.run(over_stdio())
-    row(
-        "MCP list_webhooks (50 of 1,000) over stdio",
-        f"p50 {pct(listed, 50):.1f} ms, p99 {pct(listed, 99):.1f} ms",
-        "p50 ≤ 10 ms",
-        pct(listed, 50) <= 10,
-    )
-    row(
-        "MCP create_webhook over stdio",
-        f"p50 {pct(created, 50):.1f} ms, p99 {pct(created, 99):.1f} ms",
-        "p50 ≤ 10 ms",
-        pct(created, 50) <= 10,
-    )
+    def report(transport: str, target_ms: float, listed: list[float], created: list[float]) -> None:
+        for name, times in (("list_webhooks (50 of 1,000)", listed), ("create_webhook", created)):
+            row(
+                f"MCP {name} over {transport}",
+                f"p50 {pct(times, 50):.1f} ms, p99 {pct(times, 99):.1f} ms",
+                f"p50 ≤ {target_ms:g} ms",
+                pct(times, 50) <= target_ms,
+            )
+
+    report("stdio", 10, *asyncio.run(over_stdio()))
 
     port = free_port()
     with process(
@@ -400,19 +397,7 @@ def mcp_latency(tmp: Path, quick: bool) -> None:
                 await mcp_calls(c, 10)
                 return await mcp_calls(c, calls)
 
-        listed, created = asyncio.run(over_http())
-    row(
-        "MCP list_webhooks (50 of 1,000) over streamable HTTP",
-        f"p50 {pct(listed, 50):.1f} ms, p99 {pct(listed, 99):.1f} ms",
-        "p50 ≤ 15 ms",
-        pct(listed, 50) <= 15,
-    )
-    row(
-        "MCP create_webhook over streamable HTTP",
-        f"p50 {pct(created, 50):.1f} ms, p99 {pct(created, 99):.1f} ms",
-        "p50 ≤ 15 ms",
-        pct(created, 50) <= 15,
-    )
+        report("streamable HTTP", 15, *asyncio.run(over_http()))
 
 
 # --- 4. cold start ----------------------------------------------------------------------------
