@@ -164,7 +164,7 @@ def setup_team(
 
 def record(app: Any, team_id: int, n: int, start: int = 0) -> None:
     for i in range(start, start + n):
-        app.service.emit_event(team_id=team_id, event="scan", data={"qr_code_id": 1, "scan_id": i})
+        app.service.emit_event(team_id=team_id, event="scan", data={"qr_code_id": 1, "scan_id": i + 1})
 
 
 # --- 1. throughput ----------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def latency(tmp: Path, quick: bool) -> None:
                             t0 = time.time()
                             r = client.post(
                                 f"{base}/api/v1/events",
-                                json={"event": "scan", "data": {"qr_code_id": 1, "scan_id": i}},
+                                json={"event": "scan", "data": {"qr_code_id": 1, "scan_id": i + 1}},
                             )
                             for d in r.json()["deliveries"]:
                                 sent[str(d)] = t0

@@ -131,7 +131,7 @@ async def test_first_scan_exactly_once_per_qr_code_under_concurrent_scans(live: 
     def one(i: int) -> None:
         try:
             results.append(
-                live.service.emit_event(team_id=kit.team.id, event="scan", data=scan(i, qr_code_id=4242))
+                live.service.emit_event(team_id=kit.team.id, event="scan", data=scan(i + 1, qr_code_id=4242))
             )
         except BaseException as exc:
             errors.append(exc)
@@ -233,7 +233,7 @@ def test_claim_and_save_keep_times_in_the_column_format_and_read_back_rotated_se
     now = datetime.now(UTC)
     (job,) = [
         c
-        for c in app.store.claim_due(worker="w1", now=now, lease_until=now + timedelta(seconds=30), limit=100)
+        for c in app.store.claim_due(claim="c1", now=now, lease_seconds=30, limit=100)
         if c.delivery_id == did
     ]
     assert job.secrets[1] == old and len(job.secrets) == 2
@@ -243,6 +243,7 @@ def test_claim_and_save_keep_times_in_the_column_format_and_read_back_rotated_se
         results=[
             AttemptResult(
                 delivery_id=did,
+                claim=job.claim,
                 number=1,
                 started_at=now,
                 duration_ms=3,
@@ -260,7 +261,7 @@ def test_claim_and_save_keep_times_in_the_column_format_and_read_back_rotated_se
     assert attempts[0].started_at == now and attempts[0].next_retry_at == retry_at
 
     def claims(at: datetime) -> list[int]:  # this test's delivery only: the database is shared
-        got = app.store.claim_due(worker="w2", now=at, lease_until=at, limit=1000)
+        got = app.store.claim_due(claim="c2", now=at, lease_seconds=0, limit=1000)
         return [c.delivery_id for c in got if c.delivery_id == did]
 
     assert claims(now) == []

@@ -53,7 +53,9 @@ async def test_test_webhook_sends_a_signed_test_event_and_returns_the_outcome(li
     assert result.is_error is False
     out = result.structured_content
     assert out["state"] == "succeeded" and out["status_code"] == 202
-    assert out["response_body"] == "accepted by receiver" and out["error"] is None and out["duration_ms"] >= 0
+    # The receiver's words reach the model fenced and labelled as third-party text.
+    assert out["response_body"] == "<receiver-response>\naccepted by receiver\n</receiver-response>"
+    assert out["error"] is None and out["duration_ms"] >= 0
     (got,) = receiver.at("/t")
     assert got.verified
     body = json.loads(got.body)
@@ -83,7 +85,9 @@ async def test_list_deliveries_shape_paging_filter_and_isolation(live: App, rece
     theirs = hook(other, receiver, "/their-log")
     receiver.expect("/log", Reply(500))  # the first delivery (oldest) needs a retry
     for i in range(5):
-        live.service.emit_event(team_id=kit.team.id, event="scan", data={"qr_code_id": 50 + i, "scan_id": i})
+        live.service.emit_event(
+            team_id=kit.team.id, event="scan", data={"qr_code_id": 50 + i, "scan_id": i + 1}
+        )
     await until(
         lambda: (
             all(

@@ -339,11 +339,13 @@ def test_put_changes_only_given_fields_and_inactive_webhooks_receive_nothing(liv
     )
     cancelled = api("GET", f"/webhooks/{hook.id}/deliveries?state=failed").json()["deliveries"]
     assert [c["id"] for c in cancelled] == sent.deliveries and "deactivated" in cancelled[0]["note"]
+    # A test delivery checks the receiver whatever `active` says, and answers with its outcome.
+    receiver.expect("/put", Reply(200, body=b"checked"))
     test = api("POST", f"/webhooks/{hook.id}/test")
-    assert (
-        test.status_code == 200 and test.json()["state"] == "pending"
-    )  # an inactive webhook receives nothing
-    assert len(receiver.at("/put")) == 1
+    assert test.status_code == 200, test.text
+    assert test.json()["state"] == "succeeded" and test.json()["response_body"] == "checked"
+    # The scan recorded while inactive was never sent; the cancelled one was not sent again.
+    assert [json.loads(r.body)["event"] for r in receiver.at("/put")] == ["scan", "test"]
     redeliver = api("POST", f"/deliveries/{sent.deliveries[0]}/redeliver")
     assert redeliver.status_code == 409 and redeliver.json()["field"] == "webhook_id"
 

@@ -140,7 +140,7 @@ def test_two_servers_three_workers_2000_events_50_webhooks(pg_url, app, receiver
         servers = [a.base, b.base]
 
         def emit(i: int) -> list[int]:
-            r = post_event(servers[i % 2], keys[i % 50], {"qr_code_id": i, "scan_id": i})
+            r = post_event(servers[i % 2], keys[i % 50], {"qr_code_id": i + 1, "scan_id": i + 1})
             assert r.status_code == 202, r.text
             return r.json()["deliveries"]
 
@@ -183,7 +183,7 @@ def test_an_event_recorded_by_a_server_wakes_a_separate_worker_at_once(pg_url, a
         for i in range(5):
             before = len(receiver.at("/notify"))
             sent = time.monotonic()
-            assert post_event(server.base, key, {"qr_code_id": 900 + i, "scan_id": i}).status_code == 202
+            assert post_event(server.base, key, {"qr_code_id": 900 + i, "scan_id": i + 1}).status_code == 202
             wait_for(
                 lambda b=before: len(receiver.at("/notify")) > b, timeout=10, interval=0.002, what="delivery"
             )
@@ -205,7 +205,7 @@ def test_sigkill_a_worker_with_deliveries_in_flight(pg_url, app, receiver, tmp_p
         victim_id = re.search(r"dispatcher (\S+) started", (tmp_path / "worker0.log").read_text()).group(1)
         for i in range(20):
             app.service.emit_event(
-                team_id=kit.team.id, event="scan", data={"qr_code_id": 50_000 + i, "scan_id": i}
+                team_id=kit.team.id, event="scan", data={"qr_code_id": 50_000 + i, "scan_id": i + 1}
             )
         wait_for(lambda: len(receiver.at("/k")) >= 8, what="8 sends in flight")
         victim.send_signal(signal.SIGKILL)
@@ -259,7 +259,7 @@ def test_restart_postgres_while_deliveries_are_flowing(pg_url, app, receiver, tm
         for i in range(300):
             if i == 100:
                 restart_postgres()
-            r = post_event(server.base, key, {"qr_code_id": 70_000 + i, "scan_id": i}, retry_for=60)
+            r = post_event(server.base, key, {"qr_code_id": 70_000 + i, "scan_id": i + 1}, retry_for=60)
             assert r.status_code == 202, r.text
             accepted += r.json()["deliveries"]
         wait_for(

@@ -79,7 +79,7 @@ def test_two_dispatchers_deliver_500_events_without_a_duplicate_attempt(db_url, 
         ids: list[int] = []
         for i in range(500):
             result = recorder.service.emit_event(
-                team_id=kit.team.id, event="scan", data={"qr_code_id": 7, "scan_id": i}
+                team_id=kit.team.id, event="scan", data={"qr_code_id": 7, "scan_id": i + 1}
             )
             ids += result.deliveries  # the first also makes a first_scan, which this webhook does not take
         scan_ids = set(ids)
@@ -111,7 +111,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(db_url, recorder, receiver, tmp
     try:
         for i in range(30):
             recorder.service.emit_event(
-                team_id=kit.team.id, event="scan", data={"qr_code_id": 8, "scan_id": i}
+                team_id=kit.team.id, event="scan", data={"qr_code_id": 8, "scan_id": i + 1}
             )
         wait_for(
             lambda: len(receiver.at("/kill")) >= 10, timeout=30, what="a batch in flight at the first worker"
@@ -154,7 +154,7 @@ def test_sigterm_finishes_in_flight_sends_and_marks_only_what_arrived(db_url, re
     try:
         for i in range(12):
             recorder.service.emit_event(
-                team_id=kit.team.id, event="scan", data={"qr_code_id": 9, "scan_id": i}
+                team_id=kit.team.id, event="scan", data={"qr_code_id": 9, "scan_id": i + 1}
             )
         wait_for(lambda: len(receiver.at("/term")) >= 5, timeout=30, what="5 sends in flight")
         worker.send_signal(signal.SIGTERM)

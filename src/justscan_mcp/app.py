@@ -112,9 +112,12 @@ class App:
                 # Imported in a thread: aiohttp and APScheduler take ~0.2 s to import, and on the
                 # event loop that would delay the MCP client's initialize reply.
                 module = await anyio.to_thread.run_sync(importlib.import_module, "justscan_mcp.dispatcher")
-                running = module.Dispatcher(self.store, self.settings)
-                await running.start()
-                self.service.on_recorded = running.wake
+                dispatcher_ = module.Dispatcher(self.store, self.settings)
+                # Known to the stop path before start() runs: a stop signal during start-up
+                # then stops what was started (Dispatcher.stop tolerates a partial start).
+                running = dispatcher_
+                await dispatcher_.start()
+                self.service.on_recorded = dispatcher_.wake
 
         try:
             async with anyio.create_task_group() as tg:

@@ -121,6 +121,9 @@ class Settings:
     poll_interval: float = DEFAULT_POLL_INTERVAL
     lease_margin: float = DEFAULT_LEASE_MARGIN
     max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    # Isolation (see `per_webhook_in_flight` and `slow_lane_in_flight`); None: derived.
+    max_in_flight_per_webhook: int | None = None
+    slow_lane: int | None = None
     # The dashboard's operator credential (the admin area); unset, the admin area is closed.
     admin_password: str | None = field(default=None, repr=False)
 
@@ -129,6 +132,23 @@ class Settings:
         """How long a claimed delivery stays with its process: the send's own time limit plus a
         margin, so a lease never expires under a send that is still allowed to run (Svix #2181)."""
         return self.delivery_timeout + self.lease_margin
+
+    @property
+    def per_webhook_in_flight(self) -> int:
+        """Sends one webhook may have in flight in one process: three quarters of the slots by
+        default, so a receiver that never answers cannot take every slot before it is known to be
+        slow, while one busy healthy webhook still has most of the pool."""
+        if self.max_in_flight_per_webhook is not None:
+            return min(self.max_in_flight_per_webhook, self.max_in_flight)
+        return max(1, self.max_in_flight * 3 // 4)
+
+    @property
+    def slow_lane_in_flight(self) -> int:
+        """Slots that webhooks known to be slow (their last attempt timed out or took at least half
+        the timeout) share, together, in one process: an eighth of the slots by default."""
+        if self.slow_lane is not None:
+            return min(self.slow_lane, self.max_in_flight)
+        return max(1, self.max_in_flight // 8)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -159,6 +179,8 @@ class Settings:
             poll_interval=read("JUSTSCAN_POLL_INTERVAL", parse_positive_float, DEFAULT_POLL_INTERVAL),
             lease_margin=read("JUSTSCAN_LEASE_MARGIN", parse_positive_float, DEFAULT_LEASE_MARGIN),
             max_in_flight=read("JUSTSCAN_MAX_IN_FLIGHT", parse_in_flight, DEFAULT_MAX_IN_FLIGHT),
+            max_in_flight_per_webhook=read("JUSTSCAN_MAX_IN_FLIGHT_PER_WEBHOOK", parse_in_flight, None),
+            slow_lane=read("JUSTSCAN_SLOW_LANE", parse_in_flight, None),
             admin_password=read("JUSTSCAN_ADMIN_PASSWORD", parse_admin_password, None),
         )
 

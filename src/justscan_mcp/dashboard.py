@@ -22,7 +22,10 @@ Security, by construction rather than by care in each route:
 from __future__ import annotations
 
 import hmac
+import math
 import secrets
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -108,6 +111,35 @@ class Visit:
     @property
     def can_write(self) -> bool:
         return self.principal is not None and self.principal.has("webhooks:write")
+
+
+class LoginThrottle:
+    """Failed sign-ins per client address in a sliding window, in this process's memory: enough
+    to turn a password guesser's thousands of tries a second into a handful a minute."""
+
+    def __init__(self, *, failures: int = 5, window: float = 60.0, max_addresses: int = 10_000) -> None:
+        self.failures = failures
+        self.window = window
+        self.max_addresses = max_addresses
+        self._seen: dict[str, deque[float]] = {}
+
+    def wait(self, address: str, now: float) -> int:
+        """Seconds this address must wait before its next try (0: it may try now)."""
+        times = self._seen.get(address)
+        if not times:
+            return 0
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) < self.failures:
+            return 0
+        return max(1, math.ceil(times[0] + self.window - now))
+
+    def failed(self, address: str, now: float) -> None:
+        if address not in self._seen and len(self._seen) >= self.max_addresses:
+            # Forget the addresses that failed longest ago rather than grow without bound.
+            for stale in sorted(self._seen, key=lambda a: self._seen[a][-1] if self._seen[a] else 0)[:1000]:
+                del self._seen[stale]
+        self._seen.setdefault(address, deque()).append(now)
 
 
 def build_dashboard(app: App) -> list[BaseRoute]:
@@ -221,19 +253,34 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         return redirect("/webhooks" if v.principal is not None else "/admin")
 
     def sign_in_route(
-        template: str, field: str, sign_in: Callable[[str], tuple[str, Any]], landing: str
+        template: str,
+        field: str,
+        sign_in: Callable[[str], tuple[str, Any]],
+        landing: str,
+        throttle: LoginThrottle | None = None,
     ) -> Callable[[Request], Awaitable[Response]]:
-        """GET shows the form; POST checks its credential (`field`) and starts a session."""
+        """GET shows the form; POST checks its credential (`field`) and starts a session. With a
+        throttle, an address with too many recent failures gets 429 before anything is checked."""
 
         async def route(request: Request) -> Response:
             if request.method == "GET":
                 return login_form(request, template)
+            address = request.client.host if request.client else "?"
+            wait = throttle.wait(address, time.monotonic()) if throttle else 0
+            if wait:
+                response = login_form(
+                    request, template, 429, error=f"too many failed sign-ins; try again in {wait} s"
+                )
+                response.headers["Retry-After"] = str(wait)
+                return response
             data = await form_of(request, None)
             if isinstance(data, Response):
                 return data
             try:
                 token, _ = await anyio.to_thread.run_sync(sign_in, str(data.get(field) or ""))
             except AuthError as exc:
+                if throttle:
+                    throttle.failed(address, time.monotonic())
                 return login_form(request, template, 401, error=exc.message)
             except StoreUnavailable as exc:
                 return login_form(request, template, 503, error=exc.PUBLIC)
@@ -436,7 +483,9 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         Route("/deliveries/{delivery_id}/redeliver", guarded(redeliver, operator=False), methods=["POST"]),
         Route(
             "/admin/login",
-            sign_in_route("admin_login.html", "password", service.sign_in_operator, "/admin"),
+            sign_in_route(
+                "admin_login.html", "password", service.sign_in_operator, "/admin", LoginThrottle()
+            ),
             methods=["GET", "POST"],
         ),
         Route("/admin", guarded(admin, operator=True), methods=["GET"]),

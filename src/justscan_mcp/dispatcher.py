@@ -2,10 +2,12 @@
 
 Shape of one process's dispatcher:
 - an APScheduler `AsyncIOScheduler` is the clock: a poll tick (`JUSTSCAN_POLL_INTERVAL`, for work
-  recorded by other processes and for expired leases) and a one-shot job at each retry time this
-  process scheduled;
+  recorded by other processes and for expired leases) and one timer at the earliest known retry
+  time (one job, moved earlier when an earlier retry is scheduled; a job per retry would grow
+  without bound behind a dead high-volume endpoint);
 - `wake()` (thread-safe) starts a claim at once, which is how an event recorded in this process
-  is on its way within milliseconds;
+  is on its way within milliseconds. Work recorded by other processes wakes it through LISTEN on
+  PostgreSQL and through SQLite's `PRAGMA data_version`, watched every few milliseconds;
 - the pump claims at most as many deliveries as there are free in-flight slots
   (`JUSTSCAN_MAX_IN_FLIGHT`), so the database lease always covers work that is really running;
 - `JUSTSCAN_MAX_IN_FLIGHT` long-lived sender coroutines take claimed deliveries from a queue and
@@ -13,8 +15,16 @@ Shape of one process's dispatcher:
   CPU each, a tenth of a delivery's budget. The database calls run in worker threads;
 - one writer batches finished attempts into a single transaction.
 
-Leases last the delivery timeout plus a margin, so a process that dies delays its deliveries by
-at most that long; then any process claims them again. Delivery is at least once: a process that
+Isolation: one webhook may hold at most `per_webhook_in_flight` slots (three quarters by default),
+and a webhook whose attempt timed out or took half the timeout is "slow" until it answers fast
+again: its deliveries then share the small slow lane (`slow_lane_in_flight`, an eighth) instead of
+the main pool, like Svix's and Hookdeck's slow queues. So a receiver that never answers holds a few
+slots, not all of them, and everyone else's deliveries do not wait behind its timeouts.
+
+Leases belong to a claim (a random token per claim, in `lease_owner`), last the delivery timeout
+plus a margin from the database's clock, and a result is saved only under the claim that sent it;
+a process that dies delays its deliveries by at most that long; then any process claims them
+again. Delivery is at least once: a process that
 dies after a receiver answered but before the attempt was saved leads to one more attempt, with
 the same X-Webhook-Delivery / webhook-id, which receivers use to deduplicate.
 """
@@ -27,10 +37,13 @@ import logging
 import os
 import secrets
 import socket
+import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any, TypeVar
 
@@ -38,12 +51,14 @@ from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import utcnow
 from justscan_mcp.retry import after_attempt
-from justscan_mcp.sender import Sender, delivery_headers
+from justscan_mcp.sender import Sender, SendOutcome, delivery_headers
 from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, Store
 
 log = logging.getLogger("justscan_mcp.dispatcher")
 
 WRITE_BATCH = 500
+STOP_SAVE_GRACE = 3.0  # seconds a stopping process keeps trying to save results into a dead database
+SQLITE_WATCH_INTERVAL = 0.005  # seconds between two looks at SQLite's data_version
 _T = TypeVar("_T")
 
 
@@ -71,21 +86,32 @@ class Dispatcher:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake = asyncio.Event()
+        self._stop_event = asyncio.Event()
         self._stopping = False
-        self._jobs: asyncio.Queue[Claimed | None] = asyncio.Queue()
+        self._started = False
+        self._jobs: asyncio.Queue[tuple[Claimed, bool] | None] = asyncio.Queue()
         self._open = 0  # claimed by this process and not yet finished
         self._senders: list[asyncio.Task[None]] = []
+        # Isolation: sends in flight per webhook, webhooks known to be slow, the slow lane's use.
+        self._per_hook: dict[int, int] = {}
+        self._slow: set[int] = set()
+        self._slow_open = 0
+        self._excluded: frozenset[int] = frozenset()
         # Finished attempts waiting for the writer: a list and an event, cheaper per item than a
         # queue. Two database threads of our own, not the shared pool: a claim and a save run
         # side by side, and no request handler's thread work queues behind them.
         self._results: list[AttemptResult] = []
         self._results_ready = asyncio.Event()
         self._closing = False
+        self._give_up_at = float("inf")
         self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="justscan-db")
         self._tasks: list[asyncio.Task[None]] = []
         self._backlog = False
         self._scheduler: Any = None
+        self._timer_at: datetime | None = None
         self._listener: asyncio.Task[None] | None = None
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -115,28 +141,48 @@ class Dispatcher:
         ]
         dsn = self.store.listen_dsn()
         self._listener = asyncio.create_task(self._listen(dsn), name="justscan-listen") if dsn else None
-        log.info("dispatcher %s started (max %d in flight)", self.worker_id, self.settings.max_in_flight)
+        path = self.store.sqlite_path()
+        if path is not None:
+            self._watcher = threading.Thread(
+                target=self._watch_sqlite, args=(path,), name="justscan-sqlite-watch", daemon=True
+            )
+            self._watcher.start()
+        self._started = True
+        log.info(
+            "dispatcher %s started (max %d in flight, %d per webhook, slow lane %d)",
+            self.worker_id,
+            self.settings.max_in_flight,
+            self.settings.per_webhook_in_flight,
+            self.settings.slow_lane_in_flight,
+        )
         self.wake()
 
     async def stop(self) -> None:
         """Graceful stop: claim nothing more, let in-flight sends finish (each is bounded by the
-        delivery timeout), save their attempts, then close."""
+        delivery timeout), save their attempts, then close. With the database down, saving is
+        tried for `STOP_SAVE_GRACE` seconds and then left: those deliveries' leases expire and
+        they are sent again (at least once), so stopping never hangs on an outage. Safe to call
+        on a dispatcher whose start() did not finish."""
         self._stopping = True
+        self._stop_event.set()
         self._wake.set()
+        self._watch_stop.set()
         if self._listener is not None:
             self._listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
-        pump, writer = self._tasks
-        await pump
-        if self._open:
-            log.info("dispatcher %s: waiting for %d in-flight sends", self.worker_id, self._open)
-        for _ in self._senders:
-            self._jobs.put_nowait(None)  # after every queued job: the queue is first in, first out
-        await asyncio.gather(*self._senders, return_exceptions=True)
-        self._closing = True
-        self._results_ready.set()
-        await writer
+        if len(self._tasks) == 2:
+            pump, writer = self._tasks
+            await pump
+            if self._open:
+                log.info("dispatcher %s: waiting for %d in-flight sends", self.worker_id, self._open)
+            for _ in self._senders:
+                self._jobs.put_nowait(None)  # after every queued job: the queue is first in, first out
+            await asyncio.gather(*self._senders, return_exceptions=True)
+            self._give_up_at = time.monotonic() + STOP_SAVE_GRACE
+            self._closing = True
+            self._results_ready.set()
+            await writer
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
         await self.sender.close()
@@ -155,7 +201,13 @@ class Dispatcher:
         if running is loop:
             self._wake.set()
         else:
-            loop.call_soon_threadsafe(self._wake.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed in between
+                loop.call_soon_threadsafe(self._wake.set)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but return at once when the dispatcher is asked to stop."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop_event.wait(), seconds)
 
     async def _listen(self, dsn: str) -> None:
         """LISTEN for work recorded by other processes (PostgreSQL), reconnecting by itself; the
@@ -177,17 +229,93 @@ class Dispatcher:
                 log.warning(
                     "LISTEN connection lost (%s); reconnecting in %.1fs", str(exc).splitlines()[0], delay
                 )
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, 10.0)
+
+    def _watch_sqlite(self, path: str) -> None:
+        """SQLite's cross-process wake-up: `PRAGMA data_version` changes whenever another
+        connection commits, so a commit by a `serve --no-dispatcher` process is seen within a few
+        milliseconds. A read of one header page, no lock held; the poll tick stays the fallback."""
+        last = None
+        conn: sqlite3.Connection | None = None
+        while not self._watch_stop.wait(SQLITE_WATCH_INTERVAL):
+            try:
+                if conn is None:
+                    conn = sqlite3.connect(path, timeout=1.0, check_same_thread=False)
+                version = conn.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error:
+                if conn is not None:
+                    conn.close()
+                conn = None
+                self._watch_stop.wait(0.5)
+                continue
+            if last is not None and version != last:
+                self.wake()
+            last = version
+        if conn is not None:
+            conn.close()
 
     async def _tick(self) -> None:
         self._wake.set()
 
     def _wake_at(self, when: datetime) -> None:
-        if self._scheduler is not None and not self._stopping:
-            self._scheduler.add_job(self._tick, "date", run_date=when, misfire_grace_time=None)
+        """Make sure the one retry timer fires no later than `when`."""
+        if self._scheduler is None or self._stopping:
+            return
+        if self._timer_at is not None and self._timer_at <= when:
+            return
+        self._timer_at = when
+        self._scheduler.add_job(
+            self._retry_due, "date", run_date=when, id="retry", replace_existing=True, misfire_grace_time=None
+        )
+
+    async def _retry_due(self) -> None:
+        """The retry timer fired: claim, and set the timer to the next retry time still ahead."""
+        self._timer_at = None
+        self._wake.set()
+        now = self.clock()
+        try:
+            nxt = await self._in_thread(partial(self.store.next_due_after, now))
+        except Exception as exc:  # the poll tick still finds the work; say why the timer could not
+            log.warning("could not read the next retry time (%s)", exc)
+            return
+        if nxt is not None:
+            self._wake_at(nxt)
 
     # --- the pump ---------------------------------------------------------------------------
+
+    def _plan(self, free: int) -> tuple[list[int], int, list[int], int]:
+        """What to claim now: (webhooks the main claim skips, its limit, the slow webhooks the
+        slow-lane claim may take, its limit). The main limit never exceeds the room left under
+        the cap of any webhook it may take from, so no claim overshoots a cap; webhooks within a
+        quarter of their cap are skipped (so the room is always at least a quarter of a cap)."""
+        cap = self.settings.per_webhook_in_flight
+        near = cap - max(1, cap // 4)
+        busy = [w for w, n in self._per_hook.items() if n > near]
+        excluded = sorted({*busy, *self._slow})
+        self._excluded = frozenset(excluded)
+        fullest = max((n for w, n in self._per_hook.items() if w not in self._excluded), default=0)
+        main_limit = min(free, cap - fullest)
+        slow_room = min(free, self.settings.slow_lane_in_flight - self._slow_open)
+        slow = sorted(self._slow) if slow_room > 0 else []
+        return excluded, main_limit, slow, slow_room
+
+    def _claim(self, plan: tuple[list[int], int, list[int], int]) -> tuple[list[Claimed], list[Claimed]]:
+        """Both claims of one pump round, in a database thread."""
+        excluded, main_limit, slow, slow_limit = plan
+        now = self.clock()
+        lease = self.settings.lease_seconds
+        main: list[Claimed] = []
+        if main_limit > 0:
+            main = self.store.claim_due(
+                claim=secrets.token_hex(12), now=now, lease_seconds=lease, limit=main_limit, exclude=excluded
+            )
+        lane: list[Claimed] = []
+        if slow and slow_limit > 0:
+            lane = self.store.claim_due(
+                claim=secrets.token_hex(12), now=now, lease_seconds=lease, limit=slow_limit, only=slow
+            )
+        return main, lane
 
     async def _pump(self) -> None:
         delay = 0.5
@@ -195,73 +323,116 @@ class Dispatcher:
             self._wake.clear()
             free = self.settings.max_in_flight - self._open
             if free > 0:
-                now = self.clock()
-                until = now + timedelta(seconds=self.settings.lease_seconds)
+                plan = self._plan(free)
                 try:
-                    claimed = await self._in_thread(
-                        partial(
-                            self.store.claim_due,
-                            worker=self.worker_id,
-                            now=now,
-                            lease_until=until,
-                            limit=free,
-                        )
-                    )
+                    main, lane = await self._in_thread(partial(self._claim, plan))
                     delay = 0.5
                 except StoreUnavailable as exc:
                     log.warning("claim failed (%s); retrying in %.1fs", exc.message.splitlines()[0], delay)
-                    await asyncio.sleep(delay)
+                    await self._pause(delay)
                     delay = min(delay * 2, 10.0)
                     continue
                 except Exception:
                     # A bug, not an outage: say so loudly, but keep the pump alive (a dead pump
                     # would stop every delivery of this process without a word).
                     log.exception("claim failed unexpectedly; retrying in %.1fs", delay)
-                    await asyncio.sleep(delay)
+                    await self._pause(delay)
                     delay = min(delay * 2, 10.0)
                     continue
-                self._open += len(claimed)
-                for job in claimed:
-                    self._jobs.put_nowait(job)
-                self._backlog = len(claimed) == free
+                for job in main:
+                    self._launch(job, slow=False)
+                for job in lane:
+                    self._launch(job, slow=True)
+                # A full main claim cut by the free slots (not by a webhook's cap) means more
+                # work is waiting: claim again as slots free up (see _done).
+                self._backlog = plan[1] == free and len(main) == free
                 if self._backlog:
                     continue
             await self._wake.wait()
 
+    def _launch(self, job: Claimed, *, slow: bool) -> None:
+        self._open += 1
+        self._per_hook[job.webhook_id] = self._per_hook.get(job.webhook_id, 0) + 1
+        if slow:
+            self._slow_open += 1
+        self._jobs.put_nowait((job, slow))
+
     async def _send_loop(self) -> None:
-        while (job := await self._jobs.get()) is not None:
+        while (item := await self._jobs.get()) is not None:
+            job, slow = item
             try:
                 await self._deliver(job)
             except Exception:
-                # Not a receiver's behaviour (those come back as data): a bug. The lease expires
-                # and the delivery is attempted again; the sender goes on with the next one.
+                # _deliver turns its own failures into a failed attempt; this is the last guard.
                 log.exception("delivery %s: unexpected error while sending", job.delivery_id)
             finally:
-                self._open -= 1
-                self._done()
+                self._done(job, slow)
 
-    def _done(self) -> None:
+    def _done(self, job: Claimed, slow: bool) -> None:
+        self._open -= 1
+        hook = job.webhook_id
+        left = self._per_hook.get(hook, 1) - 1
+        if left:
+            self._per_hook[hook] = left
+        else:
+            self._per_hook.pop(hook, None)
+        if slow:
+            self._slow_open -= 1
+        if self._stopping:
+            return
+        cap = self.settings.per_webhook_in_flight
+        if slow or (hook in self._excluded and left == cap - max(1, cap // 4)):
+            # A slot of the slow lane, or room under a skipped webhook's cap, is free again.
+            self._wake.set()
+            return
         # Under a backlog, claim again once a quarter of the slots are free: one claim of 16 rows
         # costs about what one of 1 row does, so trickling claims would cap the send rate.
         free = self.settings.max_in_flight - self._open
-        if (
-            self._backlog
-            and not self._stopping
-            and (free >= max(1, self.settings.max_in_flight // 4) or not self._open)
-        ):
+        if self._backlog and (free >= max(1, self.settings.max_in_flight // 4) or not self._open):
             self._wake.set()
+
+    def _note_speed(self, webhook_id: int, outcome: SendOutcome) -> None:
+        """Move a webhook into the slow lane when it eats the timeout, and out when it answers
+        fast again."""
+        limit_ms = self.settings.delivery_timeout * 1000
+        if outcome.duration_ms >= limit_ms / 2 or (outcome.error or "").startswith("timed out"):
+            if webhook_id not in self._slow:
+                log.info(
+                    "webhook %s is slow (%d ms); its deliveries use the slow lane",
+                    webhook_id,
+                    outcome.duration_ms,
+                )
+                self._slow.add(webhook_id)
+        elif (
+            webhook_id in self._slow
+            and outcome.status_code is not None
+            and outcome.duration_ms < limit_ms / 4
+        ):
+            log.info("webhook %s answers fast again; back to the main pool", webhook_id)
+            self._slow.discard(webhook_id)
 
     async def _deliver(self, job: Claimed) -> None:
         started = self.clock()
-        stamp = int(time.time())
-        headers = delivery_headers(
-            secrets=list(job.secrets),
-            delivery_id=job.delivery_id,
-            event=job.event,
-            body=job.payload,
-            timestamp=stamp,
-        )
-        outcome = await self.sender.post(job.url, job.payload, headers)
+        try:
+            headers = delivery_headers(
+                secrets=list(job.secrets),
+                delivery_id=job.delivery_id,
+                event=job.event,
+                body=job.payload,
+                timestamp=int(time.time()),
+            )
+            outcome = await self.sender.post(job.url, job.payload, headers)
+        except Exception as exc:
+            # Anything before a receiver's answer exists (a malformed stored secret, a library
+            # error) is a failed attempt, logged like any other: otherwise the lease would expire
+            # and the same error repeat forever without the delivery ever ending.
+            log.exception("delivery %s: could not be sent", job.delivery_id)
+            outcome = SendOutcome(None, None, f"internal error: {type(exc).__name__}: {exc}"[:500], 0)
+        self._note_speed(job.webhook_id, outcome)
+        self._results.append(self._result(job, outcome, started))
+        self._results_ready.set()
+
+    def _result(self, job: Claimed, outcome: SendOutcome, started: datetime) -> AttemptResult:
         state = after_attempt(
             attempt_number=job.attempt_number,
             succeeded=outcome.succeeded,
@@ -269,20 +440,19 @@ class Dispatcher:
             now=self.clock(),
             single_attempt=job.is_test,
         )
-        self._results.append(
-            AttemptResult(
-                delivery_id=job.delivery_id,
-                number=job.attempt_number,
-                started_at=started,
-                duration_ms=outcome.duration_ms,
-                status_code=outcome.status_code,
-                response_body=outcome.response_body,
-                error=outcome.error,
-                state=state.state,
-                next_attempt_at=state.next_attempt_at,
-            )
+        return AttemptResult(
+            delivery_id=job.delivery_id,
+            claim=job.claim,
+            number=job.attempt_number,
+            started_at=started,
+            duration_ms=outcome.duration_ms,
+            status_code=outcome.status_code,
+            response_body=outcome.response_body,
+            error=outcome.error,
+            state=state.state,
+            next_attempt_at=state.next_attempt_at,
+            single_attempt=job.is_test,
         )
-        self._results_ready.set()
 
     # --- the writer -------------------------------------------------------------------------
 
@@ -300,27 +470,74 @@ class Dispatcher:
     async def _in_thread(self, fn: Callable[[], _T]) -> _T:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn)
 
+    def _complete(self, results: list[AttemptResult]) -> list[int]:
+        return self.store.complete(worker=self.worker_id, results=results, now=self.clock())
+
     async def _save(self, batch: list[AttemptResult]) -> None:
         delay = 0.2
         while True:
             try:
-                await self._in_thread(
-                    lambda: self.store.complete(worker=self.worker_id, results=batch, now=self.clock())
-                )
+                await self._in_thread(partial(self._complete, batch))
                 break
             except StoreUnavailable as exc:
                 # Keep the results: the leases are still ours for a while, and if this process dies
                 # they expire and the deliveries are attempted again (at least once).
+                if self._closing and time.monotonic() >= self._give_up_at:
+                    log.warning(
+                        "stopping with %d attempts unsaved (%s); their deliveries are sent again "
+                        "once their leases expire",
+                        len(batch),
+                        exc.message.splitlines()[0],
+                    )
+                    return
                 log.warning(
-                    "saving %d attempts failed (%s); retrying in %.1fs", len(batch), exc.message, delay
+                    "saving %d attempts failed (%s); retrying in %.1fs",
+                    len(batch),
+                    exc.message.splitlines()[0],
+                    delay,
                 )
-                await asyncio.sleep(delay)
+                await asyncio.sleep(min(delay, max(0.05, self._give_up_at - time.monotonic())))
                 delay = min(delay * 2, 10.0)
             except Exception:
-                # A bug, not an outage: retrying the same batch would fail the same way. Its
-                # leases expire and the deliveries are attempted again (at least once).
-                log.exception("saving %d attempts failed unexpectedly; they will be retried", len(batch))
-                return
+                # Not an outage: one row the database refuses must not take the batch with it
+                # (every other delivery in it would be sent again, and that row forever).
+                log.exception("saving %d attempts failed; saving them one by one", len(batch))
+                await self._save_each(batch)
+                break
         for r in batch:
             if r.next_attempt_at is not None:
                 self._wake_at(r.next_attempt_at)
+
+    async def _save_each(self, batch: list[AttemptResult]) -> None:
+        """Save row by row; a row the database refuses becomes a failed attempt that says why."""
+        for r in batch:
+            try:
+                await self._in_thread(partial(self._complete, [r]))
+                continue
+            except StoreUnavailable as exc:
+                log.warning(
+                    "delivery %s: result not saved (%s); sent again after its lease", r.delivery_id, exc
+                )
+                continue
+            except Exception as exc:
+                reason = f"the attempt's result could not be stored: {type(exc).__name__}: {exc}"
+                log.warning("delivery %s: %s", r.delivery_id, reason.splitlines()[0])
+            state = after_attempt(
+                attempt_number=r.number,
+                succeeded=False,
+                schedule=self.settings.retry_schedule,
+                now=self.clock(),
+                single_attempt=r.single_attempt,
+            )
+            failed = replace(
+                r,
+                status_code=None,
+                response_body=None,
+                error=reason.splitlines()[0][:500],
+                state=state.state,
+                next_attempt_at=state.next_attempt_at,
+            )
+            try:
+                await self._in_thread(partial(self._complete, [failed]))
+            except Exception:
+                log.exception("delivery %s: not even its failure could be saved", r.delivery_id)

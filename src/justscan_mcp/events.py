@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from justscan_mcp.errors import InvalidInput
+from justscan_mcp.models import MAX_ID
+
+# Ids are stored in BIGINT columns (first_scans.qr_code_id) and read as such by receivers: one
+# outside 1..2^63-1 is refused by name, not left for the database to fail on.
+Id = Annotated[StrictInt, Field(ge=1, le=MAX_ID)]
 
 EmittableEvent = Literal["scan", "form_submit", "file_download"]
 EMITTABLE: tuple[str, ...] = ("scan", "form_submit", "file_download")
@@ -25,8 +30,8 @@ class _Data(BaseModel):
 
 
 class ScanData(_Data):
-    qr_code_id: StrictInt
-    scan_id: StrictInt
+    qr_code_id: Id
+    scan_id: Id
     device: StrictStr | None = None
     country: StrictStr | None = None
     resolved_url: StrictStr | None = None
@@ -39,7 +44,7 @@ class ScanData(_Data):
 
 
 class FormSubmitData(_Data):
-    landing_page_id: StrictInt
+    landing_page_id: Id
     title: StrictStr | None = None
     slug: StrictStr | None = None
     recipient_email: StrictStr | None = None
@@ -47,9 +52,9 @@ class FormSubmitData(_Data):
 
 
 class FileDownloadData(_Data):
-    shared_file_id: StrictInt
-    qr_code_id: StrictInt
-    scan_id: StrictInt
+    shared_file_id: Id
+    qr_code_id: Id
+    scan_id: Id
     slug: StrictStr | None = None
     title: StrictStr | None = None
     device: StrictStr | None = None
@@ -59,7 +64,7 @@ class FileDownloadData(_Data):
 
 class TestData(_Data):
     test: StrictBool
-    webhook_id: StrictInt
+    webhook_id: Id
 
 
 DATA_MODELS: dict[str, type[_Data]] = {
@@ -89,7 +94,7 @@ def validate_emit(event: Any, data: Any) -> _Data:
     if not isinstance(data, dict):
         raise InvalidInput("data", f"must be a JSON object, got {type(data).__name__}")
     try:
-        return DATA_MODELS[event].model_validate(data)
+        model = DATA_MODELS[event].model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -99,8 +104,30 @@ def validate_emit(event: Any, data: Any) -> _Data:
             "int_type": "must be an integer",
             "string_type": "must be a string or null",
             "dict_type": "must be an object",
+            "greater_than_equal": f"must be an integer id from 1 to {MAX_ID}",
+            "less_than_equal": f"must be an integer id from 1 to {MAX_ID}",
         }.get(first["type"], first["msg"])
         raise InvalidInput(f"data.{where}", reason) from None
+    _check_unicode(data, "data")
+    return model
+
+
+def _check_unicode(value: Any, where: str) -> None:
+    """Raises: InvalidInput naming the first string (key or value) that is not valid Unicode, such
+    as a lone surrogate from a JSON escape: it cannot be encoded as UTF-8, so neither stored nor
+    signed."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInput(where, "is not valid Unicode text (it holds a lone surrogate)") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, f"{where} (a key)")
+            _check_unicode(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}.{i}")
 
 
 def envelope(event: str, data: _Data, timestamp: datetime) -> bytes:

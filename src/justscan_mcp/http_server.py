@@ -39,14 +39,17 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
 def transport_security(bind_host: str, port: int, extra_hosts: Sequence[str]) -> TransportSecuritySettings:
-    """Host/Origin allow-lists against DNS rebinding: loopback names, the bind address, and any
-    public host names the operator allows (deployments behind a proxy)."""
+    """Host/Origin allow-lists against DNS rebinding: loopback names on any port (a loopback name
+    cannot be rebound, and SSH tunnels and port-forwards reach the server as `localhost:<their
+    port>`), the bind address on its port, and any public host names the operator allows
+    (deployments behind a proxy)."""
     hosts: list[str] = []
     origins: list[str] = []
-    names = [*LOCAL_HOSTS]
+    for name in LOCAL_HOSTS:
+        hosts += [name, f"{name}:*"]
+        origins += [f"http://{name}", f"https://{name}", f"http://{name}:*", f"https://{name}:*"]
     if bind_host not in ("0.0.0.0", "::", "", *LOCAL_HOSTS):  # noqa: S104 - comparing, not binding
-        names.append(f"[{bind_host}]" if ":" in bind_host else bind_host)
-    for name in names:
+        name = f"[{bind_host}]" if ":" in bind_host else bind_host
         hosts += [name, f"{name}:{port}"]
         origins += [f"http://{name}:{port}", f"https://{name}:{port}"]
     for extra in extra_hosts:
@@ -94,9 +97,11 @@ class BearerKeyAuth:
         raw_key = raw_key.strip() if scheme.lower() == "bearer" else ""
         try:
             if scope["path"].startswith(SSE_MESSAGES):
-                # A message for an open SSE session: a refusal here would only reach the client's
-                # log and leave its call waiting forever. Identify the key and let the MCP gate,
-                # which re-reads the key on every call, answer on the stream with the reason.
+                # A message for an open SSE session: an HTTP refusal here would only reach the
+                # client's log and leave its call waiting forever. Identify the key (unknown: 401)
+                # and let the MCP gate, which re-reads the key for every request (revoked, MCP
+                # off), answer on the stream with the reason; the SDK refuses a message for a
+                # session another key opened.
                 key_id = await anyio.to_thread.run_sync(self.service.identify_key, raw_key or None)
                 principal = Principal(key_id=key_id, team_id=0, scopes=frozenset(), mcp_enabled=False)
             else:
@@ -128,23 +133,29 @@ class BearerKeyAuth:
 
 API_PREFIX = "/api/v1"
 MAX_BODY = 1024 * 1024
+MAX_FORM_BODY = 64 * 1024  # the dashboard's forms, some of them open to anyone (sign-in)
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class BodyLimit:
-    """Refuse REST request bodies over 1 MiB before anything parses them: at once when
-    Content-Length says so, and by counting when the body is chunked."""
+    """Refuse request bodies over the limit before anything parses them, on every route: 1 MiB
+    for the REST API and MCP, 64 KiB for the dashboard's forms. At once when Content-Length
+    says so, and by counting when the body is chunked."""
 
-    def __init__(self, app: ASGIApp, *, limit: int = MAX_BODY) -> None:
+    def __init__(self, app: ASGIApp, *, limit: int = MAX_BODY, form_limit: int = MAX_FORM_BODY) -> None:
         self.app = app
-        self.limit = limit
+        self.api_limit = limit
+        self.form_limit = form_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(API_PREFIX):
+        if scope["type"] != "http" or scope["method"] in _NO_BODY_METHODS:
             await self.app(scope, receive, send)
             return
+        path = scope["path"]
+        limit = self.api_limit if path.startswith((API_PREFIX, *MCP_PATHS)) else self.form_limit
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
-                await self._refuse(scope, receive, send)
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
+                await self._refuse(limit, scope, receive, send)
                 return
         # Read the body here (never more than limit + 1 bytes), then replay it to the app: a
         # chunked body over the limit is refused before any parser sees it.
@@ -156,8 +167,8 @@ class BodyLimit:
                 return  # the client went away
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.limit:
-                await self._refuse(scope, receive, send)
+            if size > limit:
+                await self._refuse(limit, scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -174,10 +185,10 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _refuse(self, limit: int, scope: Scope, receive: Receive, send: Send) -> None:
         from justscan_mcp.rest_api import error_response
 
-        await error_response(413, "too_large", f"the request body is over {self.limit} bytes", "body")(
+        await error_response(413, "too_large", f"the request body is over {limit} bytes", "body")(
             scope, receive, send
         )
 

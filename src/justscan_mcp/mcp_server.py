@@ -104,6 +104,20 @@ WebhookId = Annotated[
 ]
 
 
+EXCERPT_CHARS = 1024
+
+
+def receiver_excerpt(body: str | None) -> str | None:
+    """A receiver's response body as a model should see it: third-party text, so only a short
+    excerpt, fenced and labelled as the receiver's words (never instructions). REST and the
+    dashboard keep the whole 16 KiB."""
+    if body is None:
+        return None
+    cut = len(body) > EXCERPT_CHARS
+    more = f", first {EXCERPT_CHARS} of {len(body)} characters" if cut else ""
+    return f"<receiver-response{more}>\n{body[:EXCERPT_CHARS]}\n</receiver-response>"
+
+
 def current_principal() -> Principal:
     principal = _principal.get()
     if principal is None:  # only reachable if a tool is called around the middleware
@@ -176,9 +190,12 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
         return principal
 
     async def gate(ctx: ServerRequestContext[Any, Any], call_next: Callable[..., Awaitable[Any]]) -> Any:
+        # Every request re-reads the key (revoked, MCP switched off), not only tool calls: over
+        # SSE the HTTP layer can only identify the key of a message, and a revoked key must not
+        # keep talking to its open session.
+        principal = await resolve()
         if ctx.method not in ("tools/list", "tools/call"):
             return await call_next(ctx)
-        principal = await resolve()
         if ctx.method == "tools/list":
             return _filter_tools(await call_next(ctx), principal)
         name = (ctx.params or {}).get("name")
@@ -283,9 +300,10 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
         delivery and is not retried.
         """
         try:
-            return await app.send_test_and_wait(principal=current_principal(), webhook_id=webhook_id)
+            outcome = await app.send_test_and_wait(principal=current_principal(), webhook_id=webhook_id)
         except JustScanError as exc:
             raise _tool_error(exc) from exc
+        return outcome.model_copy(update={"response_body": receiver_excerpt(outcome.response_body)})
 
     @server.tool(
         title="List deliveries",
@@ -301,9 +319,10 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
         limit: DeliveryLimit = LIST_LIMIT_DEFAULT,
     ) -> DeliveryPage:
         """A webhook's delivery log, newest first: each delivery's event, state and next retry
-        time, and every attempt with its time, duration, HTTP status code, response body (cut at
-        16 KiB) and error. Failed deliveries are retried after 1, 5 and 30 minutes."""
-        return await _call(
+        time, and every attempt with its time, duration, HTTP status code, an excerpt of the
+        receiver's response body (its first 1 KiB, marked as the receiver's text) and error.
+        Failed deliveries are retried after 1, 5 and 30 minutes."""
+        page = await _call(
             service.list_deliveries,
             principal=current_principal(),
             webhook_id=webhook_id,
@@ -311,6 +330,10 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
             cursor=cursor,
             limit=limit,
         )
+        for delivery in page.deliveries:
+            for attempt in delivery.attempts:
+                attempt.response_body = receiver_excerpt(attempt.response_body)
+        return page
 
     @server.tool(
         title="Get webhook",

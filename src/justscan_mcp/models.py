@@ -7,6 +7,7 @@ All datetimes are timezone-aware UTC, on SQLite as on PostgreSQL.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Literal, get_args
 
@@ -63,6 +64,24 @@ class UTCDateTime(TypeDecorator[datetime]):
         if value is None:
             return None
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable_text(value: str | None) -> str | None:
+    """Text as both databases can store it: NUL (PostgreSQL refuses it in text) and anything that
+    is not a Unicode scalar value (lone surrogates, which UTF-8 cannot encode) become U+FFFD.
+    Receivers' bytes are decoded with ``errors="replace"`` before they get here."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = _SURROGATE.sub("\ufffd", value)
+    return value
 
 
 def utcnow() -> datetime:
@@ -245,6 +264,9 @@ class DashboardSession(SQLModel, table=True):
     csrf_token: str = Field(sa_column=Column(String(64), nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+    # Operator sessions: a fingerprint of the admin password they were opened with (see
+    # Service.dashboard_session); a changed or unset password ends them.
+    operator_fingerprint: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
 
 
 # --- public shapes ----------------------------------------------------------------------------

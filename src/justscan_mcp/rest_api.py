@@ -10,6 +10,7 @@ list role names). The MCP switch of a key does not matter here; scopes do.
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from typing import Annotated, Any
 
@@ -54,6 +55,7 @@ from justscan_mcp.retry import DeliveryState
 from justscan_mcp.service import DEFAULT_ROTATION_GRACE, MAX_ROTATION_GRACE, READ, WRITE
 
 EVENTS_WRITE = "events:write"
+log = logging.getLogger("justscan_mcp.rest")
 
 
 class ErrorBody(BaseModel):
@@ -102,6 +104,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (404, "No such id in the key's team (another team's id answers the same)."),
         (413, "The request body is over 1 MiB."),
         (422, "Invalid input; `field` names it."),
+        (500, "A bug on the server; the message says it was logged."),
         (503, "The database is unreachable; try again."),
     )
 }
@@ -199,6 +202,13 @@ def build_rest_api(app: App) -> FastAPI:
                 message = StoreUnavailable.PUBLIC if isinstance(exc, StoreUnavailable) else exc.message
                 return error_response(status, code, message, getattr(exc, "field", None))
         return error_response(500, "internal", "unexpected error", None)
+
+    @api.exception_handler(Exception)
+    async def on_bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug: the caller still gets the documented JSON shape (Starlette's default is plain
+        # text); the traceback goes to the log, never to the caller.
+        log.error("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal", "unexpected error; it was logged on the server", None)
 
     @api.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

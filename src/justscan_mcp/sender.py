@@ -8,7 +8,12 @@ everything else uses the SDK's clients.
 The private-address rule is enforced again here, on the addresses the connection will actually
 use: host names go through a resolver that drops non-public addresses (so a DNS answer that changed
 since the webhook was created cannot reach an internal service), and IP literals, which aiohttp
-does not resolve, are checked before connecting. Redirects are not followed.
+does not resolve, are checked before connecting, as yarl (aiohttp's URL parser) reads the host.
+Redirects are not followed.
+
+Name lookups run on a small thread pool of their own with a per-lookup time limit: on the event
+loop's default executor a slow authoritative server would queue every other lookup, and other
+thread work, behind it.
 """
 
 from __future__ import annotations
@@ -17,18 +22,21 @@ import asyncio
 import ipaddress
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from justscan_mcp import __version__
 from justscan_mcp.signing import guide_signature, standard_signatures
-from justscan_mcp.targets import is_public_address
+from justscan_mcp.targets import client_host, is_public_address, literal_address
 
 BODY_LIMIT = 16 * 1024
+DNS_TIMEOUT = 5.0  # seconds one lookup may take (never more than the delivery timeout)
+DNS_THREADS = 8
 USER_AGENT = f"justscan-webhooks/{__version__}"
 
 
@@ -49,16 +57,40 @@ class SendOutcome:
 
 
 class VettingResolver(AbstractResolver):
-    """Resolve with the system, keep only public addresses (unless private targets are allowed)."""
+    """Resolve with the system, keep only public addresses (unless private targets are allowed).
+    Lookups use their own bounded thread pool and time limit."""
 
-    def __init__(self, *, allow_private: bool) -> None:
-        self._inner = aiohttp.ThreadedResolver()
+    def __init__(self, *, allow_private: bool, timeout: float = DNS_TIMEOUT) -> None:
         self._allow_private = allow_private
+        self._timeout = timeout
+        self._executor = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="justscan-dns")
+
+    async def _lookup(self, host: str, port: int, family: socket.AddressFamily) -> list[ResolveResult]:
+        lookup = partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
+        try:
+            infos = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(self._executor, lookup), self._timeout
+            )
+        except TimeoutError:
+            # The thread finishes on its own; this delivery does not wait for it.
+            raise OSError(f"looking up {host} took longer than {self._timeout:g}s") from None
+        return [
+            ResolveResult(
+                hostname=host,
+                host=str(address[0]),
+                port=int(address[1]),
+                family=fam,
+                proto=proto,
+                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
+            )
+            for fam, _, proto, _, address in infos
+            if fam in (socket.AF_INET, socket.AF_INET6)
+        ]
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
+        results = await self._lookup(host, port, family)
         if self._allow_private:
             return results
         public = [r for r in results if is_public_address(ipaddress.ip_address(r["host"]))]
@@ -68,7 +100,7 @@ class VettingResolver(AbstractResolver):
         return public
 
     async def close(self) -> None:
-        await self._inner.close()
+        self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def delivery_headers(
@@ -101,7 +133,9 @@ class Sender:
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             limit_per_host=self._max_connections,
-            resolver=VettingResolver(allow_private=self.allow_private),
+            resolver=VettingResolver(
+                allow_private=self.allow_private, timeout=min(DNS_TIMEOUT, self.timeout)
+            ),
             ttl_dns_cache=10,
         )
         self._session = aiohttp.ClientSession(
@@ -117,14 +151,14 @@ class Sender:
             self._session = None
 
     def _literal_refusal(self, url: str) -> str | None:
+        """A refusal for an IP literal that may not be reached, judged on the host as the client
+        will connect to it (aiohttp skips the resolver, and so its check, for literals)."""
         if self.allow_private:
             return None
-        host = urlsplit(url).hostname or ""
-        try:
-            addr = ipaddress.ip_address(host)
-        except ValueError:
+        addr = literal_address(client_host(url))
+        if addr is None or is_public_address(addr):
             return None
-        return None if is_public_address(addr) else f"refused: {addr} is not a public address"
+        return f"refused: {addr} is not a public address"
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> SendOutcome:
         """One attempt. Never raises for a receiver's behaviour: failures come back as data."""
@@ -155,6 +189,8 @@ class Sender:
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, PrivateTargetRefused):
                 return done(error=str(exc.os_error))
+            if isinstance(exc.os_error, OSError) and not isinstance(exc.os_error, socket.gaierror):
+                return done(error=f"host lookup failed: {exc.os_error}"[:500])
             return done(error=f"host does not resolve: {exc.host}")
         except aiohttp.ClientConnectorError as exc:
             return done(error=f"connection failed: {exc.os_error.strerror or exc.os_error}")

@@ -7,6 +7,7 @@ synchronous and keyword-only; async callers run them in a worker thread.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -14,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from justscan_mcp.config import Settings
-from justscan_mcp.errors import Conflict, InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
+from justscan_mcp.errors import InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
 from justscan_mcp.events import TestData, envelope, validate_emit
 from justscan_mcp.models import (
     DEFAULT_KEY_SCOPES,
@@ -151,6 +152,7 @@ class Service:
         self.resolver = resolver
         self.clock = clock
         self._cursors: CursorCodec | None = None
+        self._operator_fp: str | None = None
         # Set by the app to the local dispatcher's wake(): a recorded event is sent at once.
         self.on_recorded: Callable[[], None] = lambda: None
 
@@ -448,21 +450,17 @@ class Service:
             or not 0 <= grace_seconds <= MAX_ROTATION_GRACE
         ):
             raise InvalidInput("grace_seconds", f"must be an integer from 0 to {MAX_ROTATION_GRACE} (7 days)")
-        webhook = self._own_webhook(principal, webhook_id)
+        wid = _positive_id("webhook_id", webhook_id)
         now = self.clock()
         new = generate_webhook_secret()
         until = now + timedelta(seconds=grace_seconds) if grace_seconds else None
-        updated = self.store.update_webhook(
-            team_id=principal.team_id,
-            webhook_id=webhook.id or 0,
-            now=now,
-            secret=new,
-            previous_secret=webhook.secret if until else None,
-            previous_secret_expires_at=until,
-        )
-        if updated is None:  # deleted in between
-            raise self._not_found(webhook.id or 0)
-        return SecretRotated(webhook_id=updated.id or 0, secret=new, previous_secret_expires_at=until)
+        # One statement: two rotations at once each keep the secret the other made (read, then
+        # write in a second transaction lost one of them).
+        if not self.store.rotate_secret(
+            team_id=principal.team_id, webhook_id=wid, secret=new, grace_until=until, now=now
+        ):
+            raise self._not_found(wid)
+        return SecretRotated(webhook_id=wid, secret=new, previous_secret_expires_at=until)
 
     def redeliver(self, *, principal: Principal, delivery_id: int) -> DeliveryPublic:
         """Queue a new delivery of a past delivery's event to its webhook, linked to the original
@@ -478,11 +476,7 @@ class Service:
             raise NotFound(
                 "delivery_id", f"delivery {did} does not exist in this team; list_deliveries shows the ids"
             )
-        webhook = self._own_webhook(principal, found[0].webhook_id)
-        if not webhook.active:
-            raise Conflict(
-                "webhook_id", f"webhook {webhook.id} is inactive; set it active before redelivering"
-            )
+        # The store checks `active` in the transaction that inserts (Conflict when inactive).
         copy = self.store.redeliver(team_id=principal.team_id, delivery_id=did, now=self.clock())
         if copy is None:
             raise NotFound("delivery_id", f"delivery {did} does not exist in this team")
@@ -532,11 +526,28 @@ class Service:
         expected = self.settings.admin_password
         if not expected:
             raise Unauthenticated("the admin area is closed: set JUSTSCAN_ADMIN_PASSWORD to open it")
-        if not hmac.compare_digest((password or "").encode(), expected.encode()):
+        # Digests of equal length, so the comparison's time says nothing about the length.
+        given = hashlib.sha256((password or "").encode()).digest()
+        if not hmac.compare_digest(given, hashlib.sha256(expected.encode()).digest()):
             raise Unauthenticated("wrong admin password")
-        return self._new_session(None)
+        return self._new_session(None, operator_fingerprint=self._operator_fingerprint())
 
-    def _new_session(self, key_id: int | None) -> tuple[str, DashboardSession]:
+    def _operator_fingerprint(self) -> str | None:
+        """A salted scrypt of the configured admin password (None when the admin area is
+        closed), computed once per process: what an operator session must match to stay valid."""
+        password = self.settings.admin_password
+        if not password:
+            return None
+        if self._operator_fp is None:
+            salt = self.store.instance_secret("operator_salt").encode()
+            self._operator_fp = hashlib.scrypt(
+                password.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32
+            ).hex()
+        return self._operator_fp
+
+    def _new_session(
+        self, key_id: int | None, *, operator_fingerprint: str | None = None
+    ) -> tuple[str, DashboardSession]:
         token = secrets.token_urlsafe(32)
         now = self.clock()
         row = DashboardSession(
@@ -545,6 +556,7 @@ class Service:
             csrf_token=secrets.token_urlsafe(32),
             created_at=now,
             expires_at=now + DASHBOARD_SESSION_TTL,
+            operator_fingerprint=operator_fingerprint,
         )
         self.store.add_dashboard_session(row, now=now)
         return token, row
@@ -562,6 +574,10 @@ class Service:
         if row is None:
             raise Unauthenticated("your session has ended; sign in again")
         if row.key_id is None:
+            fingerprint = self._operator_fingerprint()
+            if fingerprint is None or not hmac.compare_digest(row.operator_fingerprint or "", fingerprint):
+                self.store.delete_dashboard_session(row.token_hash)
+                raise Unauthenticated("the admin password was changed or unset; sign in again")
             return row, None
         try:
             return row, self.principal_for_key_id(row.key_id)

@@ -11,18 +11,18 @@ import contextvars
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, delete, event, func, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.exc import InterfaceError as SAInterfaceError
 from sqlmodel import Session, col, select
 
-from justscan_mcp.errors import Conflict, StoreUnavailable
+from justscan_mcp.errors import Conflict, InvalidInput, StoreUnavailable
 from justscan_mcp.migrations import HEAD
 from justscan_mcp.models import (
     OPEN_STATES,
@@ -37,6 +37,7 @@ from justscan_mcp.models import (
     Team,
     UTCDateTime,
     Webhook,
+    storable_text,
 )
 from justscan_mcp.security import generate_instance_key
 
@@ -87,6 +88,27 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+# SQLite's primary result code SQLITE_ERROR: a statement that is wrong (no such table or column,
+# a syntax error). pysqlite raises it as OperationalError like a locked or unreadable file, but it
+# is a bug, not an outage: retrying it would fail the same way forever.
+_SQLITE_ERROR = 1
+
+
+def _is_programming_error(exc: BaseException | None) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == _SQLITE_ERROR
+
+
+def _conflict(exc: BaseException | None) -> Conflict:
+    log.info("integrity error translated into a conflict: %s", str(exc).splitlines()[0] if exc else "")
+    return Conflict("request", "a concurrent change conflicted with this request; look again and retry")
+
+
+def _refused_value(exc: BaseException | None) -> InvalidInput:
+    first = str(exc).splitlines()[0] if exc else "unknown reason"
+    return InvalidInput("data", f"the database refused a value ({first})")
+
+
 def create_db_engine(url: str) -> Engine:
     """An engine for `url`, creating the SQLite file's directory when needed."""
     url = normalise_url(url)
@@ -116,9 +138,14 @@ class Store:
         self._dt_result: Callable[[Any], datetime | None] = result or (lambda v: v)
         self._mark = "?" if engine.dialect.name == "sqlite" else "%s"  # the driver's placeholder
         dbapi = engine.dialect.dbapi
+        # The driver's own classes, for driver SQL that SQLAlchemy does not wrap.
         self._driver_errors: tuple[type[BaseException], ...] = (
             (dbapi.OperationalError, dbapi.InterfaceError) if dbapi is not None else ()
         )
+        self._driver_integrity: tuple[type[BaseException], ...] = (
+            (dbapi.IntegrityError,) if dbapi is not None else ()
+        )
+        self._driver_data: tuple[type[BaseException], ...] = (dbapi.DataError,) if dbapi is not None else ()
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -147,14 +174,33 @@ class Store:
 
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[None]:
-        """What every transaction shares, ORM or driver SQL: the SQLite BEGIN mode, and database
-        outages (wrapped by SQLAlchemy or raised by the driver itself) as StoreUnavailable."""
+        """What every transaction shares, ORM or driver SQL: the SQLite BEGIN mode, and the
+        translation of driver errors into the error tree. Database outages (wrapped by SQLAlchemy
+        or raised by the driver itself) become StoreUnavailable; a constraint that a concurrent
+        change broke becomes Conflict and a value the database refuses InvalidInput, so no race
+        or odd value reaches a caller as a bare 500. A wrong statement stays what it is: a bug.
+
+        Raises:
+            StoreUnavailable, Conflict, InvalidInput.
+        """
         mode = _sqlite_begin.set("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield
         except (OperationalError, SAInterfaceError) as exc:
+            if _is_programming_error(exc.orig):
+                raise
             raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        except IntegrityError as exc:
+            raise _conflict(exc.orig) from exc
+        except DataError as exc:
+            raise _refused_value(exc.orig) from exc
+        except self._driver_integrity as exc:
+            raise _conflict(exc) from exc
+        except self._driver_data as exc:
+            raise _refused_value(exc) from exc
         except self._driver_errors as exc:
+            if _is_programming_error(exc):
+                raise
             raise StoreUnavailable(f"database unavailable: {exc}") from exc
         finally:
             _sqlite_begin.reset(mode)
@@ -256,7 +302,7 @@ class Store:
         try:
             with self.session() as s:
                 s.add(InstanceSecret(name=name, value=generate_instance_key()))
-        except IntegrityError:
+        except Conflict:
             pass  # another process won the race; read its value below
         with self.session() as s:
             row = s.get(InstanceSecret, name)
@@ -272,7 +318,7 @@ class Store:
             with self.session() as s:
                 s.add(team)
                 s.flush()
-        except IntegrityError:
+        except Conflict:
             raise Conflict("name", f"a team named {name!r} already exists") from None
         return team
 
@@ -361,8 +407,13 @@ class Store:
     def update_webhook(
         self, *, team_id: int, webhook_id: int, now: datetime, **values: Any
     ) -> Webhook | None:
-        """Change fields of a team's webhook. Setting `active=False` also ends its queued
-        deliveries (state failed, with a note), so an inactive webhook receives nothing.
+        """Change fields of a team's webhook. Setting `active=False` also ends every open
+        delivery of it, leased or not (state failed, with a note), in the same transaction, so an
+        inactive webhook receives nothing new. A send already in flight keeps its lease: its
+        attempt is logged when it finishes, and the delivery stays `failed`.
+
+        Raises:
+            StoreUnavailable.
         """
         with self.session(write=True) as s:
             webhook = s.exec(
@@ -379,7 +430,6 @@ class Store:
                     update(Delivery)
                     .where(col(Delivery.webhook_id) == webhook_id)
                     .where(col(Delivery.state).in_(OPEN_STATES))
-                    .where(col(Delivery.lease_owner).is_(None))
                     .values(
                         state="failed",
                         next_attempt_at=None,
@@ -389,14 +439,54 @@ class Store:
                 )
             return webhook
 
+    def rotate_secret(
+        self, *, team_id: int, webhook_id: int, secret: str, grace_until: datetime | None, now: datetime
+    ) -> bool:
+        """Make `secret` the signing secret, keeping the current one as the previous secret until
+        `grace_until` (none: dropped at once). One UPDATE whose SET reads the row as it is when
+        the update runs, so concurrent rotations each keep the secret the other just made.
+        Returns False when the webhook does not exist in the team.
+
+        Raises:
+            StoreUnavailable.
+        """
+        with self.session(write=True) as s:
+            result = s.execute(
+                update(Webhook)
+                .where(col(Webhook.id) == webhook_id)
+                .where(col(Webhook.team_id) == team_id)
+                .values(
+                    secret=secret,
+                    previous_secret=col(Webhook.secret) if grace_until is not None else None,
+                    previous_secret_expires_at=grace_until,
+                    updated_at=now,
+                )
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
     def redeliver(self, *, team_id: int, delivery_id: int, now: datetime) -> Delivery | None:
-        """A new pending delivery of the same event to the same webhook, linked to the original."""
+        """A new pending delivery of the same event to the same webhook, linked to the original.
+        The webhook is read (and on PostgreSQL locked against a concurrent deactivation) in the
+        same transaction as the insert.
+
+        Raises:
+            Conflict: (webhook_id) the webhook is inactive. StoreUnavailable.
+        """
         with self.session(write=True) as s:
             original = s.exec(
                 select(Delivery).where(Delivery.id == delivery_id).where(Delivery.team_id == team_id)
             ).first()
             if original is None:
                 return None
+            webhook = s.exec(
+                select(Webhook).where(Webhook.id == original.webhook_id).with_for_update(read=True)
+            ).first()
+            if webhook is None:
+                return None
+            if not webhook.active:
+                raise Conflict(
+                    "webhook_id", f"webhook {webhook.id} is inactive; set it active before redelivering"
+                )
             copy = Delivery(
                 team_id=team_id,
                 webhook_id=original.webhook_id,
@@ -440,7 +530,16 @@ class Store:
         Returns the event id and the ids of every delivery created (first_scan ones included).
         """
         with self.session(write=True) as s:
-            hooks = s.exec(select(Webhook).where(Webhook.team_id == team_id).where(col(Webhook.active))).all()
+            # FOR SHARE (PostgreSQL): a concurrent delete or deactivation of one of these webhooks
+            # waits for this transaction, or this one sees its result; without the lock an event
+            # racing a delete failed on the foreign key and one racing a deactivation left an
+            # open delivery to an inactive webhook. SQLite's write lock already serialises them.
+            hooks = s.exec(
+                select(Webhook)
+                .where(Webhook.team_id == team_id)
+                .where(col(Webhook.active))
+                .with_for_update(read=True)
+            ).all()
             scan = self._add_event(s, team_id, event, payload, now)
             deliveries = self._fan_out(s, hooks, scan, now)
             if first_scan is not None:
@@ -459,6 +558,13 @@ class Store:
         delivered when this transaction commits, never for work that was rolled back."""
         if self.backend == "postgresql":
             s.execute(text("SELECT pg_notify(:channel, '')"), {"channel": NOTIFY_CHANNEL})
+
+    def sqlite_path(self) -> str | None:
+        """The SQLite database file (for the dispatcher's cross-process wake-up), else None."""
+        if self.backend != "sqlite":
+            return None
+        name = self.engine.url.database
+        return None if not name or name == ":memory:" else str(Path(name).expanduser())
 
     def listen_dsn(self) -> str | None:
         """A libpq URL for a LISTEN connection (PostgreSQL only)."""
@@ -543,14 +649,41 @@ class Store:
     def _marks(self, n: int) -> str:
         return ", ".join([self._mark] * n)
 
-    def claim_due(self, *, worker: str, now: datetime, lease_until: datetime, limit: int) -> list[Claimed]:
-        """Lease up to `limit` due deliveries to `worker`, atomically.
+    def _db_now(self, offset: str | None = None) -> str:
+        """SQL for the database's clock (plus `offset`, a placeholder for seconds), in the stored
+        format. Leases are judged by this one clock, so hosts whose clocks disagree cannot take
+        each other's work early; evaluated when the statement runs, after any lock wait."""
+        if self.backend == "postgresql":
+            return "clock_timestamp()" + (f" + make_interval(secs => {offset})" if offset else "")
+        # SQLAlchemy stores SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff'; %f gives
+        # milliseconds, so pad to the same width for text comparison and read-back.
+        shift = f", '+' || {offset} || ' seconds'" if offset else ""
+        return f"(strftime('%Y-%m-%d %H:%M:%f', 'now'{shift}) || '000')"
+
+    def claim_due(
+        self,
+        *,
+        claim: str,
+        now: datetime,
+        lease_seconds: float,
+        limit: int,
+        exclude: Sequence[int] = (),
+        only: Sequence[int] | None = None,
+    ) -> list[Claimed]:
+        """Lease up to `limit` due deliveries to the claim token `claim`, atomically.
 
         Due: pending or retrying, next attempt time reached, and no live lease (an expired lease
-        is how a crashed process's work comes back). PostgreSQL locks the rows it picks with
-        FOR UPDATE SKIP LOCKED so concurrent claimers take disjoint sets without waiting; SQLite
-        runs the whole UPDATE under its single write lock. The walk follows the partial index
-        `ix_deliveries_open` in (next_attempt_at, id) order and stops after `limit` rows.
+        is how a crashed or stalled process's work comes back). The webhook must be active, except
+        for a test delivery, which checks a receiver whatever the switch says. Each claim has its
+        own token: a process that stalled past its lease and claimed the same rows again cannot
+        save the first claim's results over the second's. The lease runs `lease_seconds` from
+        the database's clock when the statement runs.
+
+        PostgreSQL locks the rows it picks with FOR UPDATE SKIP LOCKED so concurrent claimers take
+        disjoint sets without waiting; SQLite runs the whole UPDATE under its single write lock.
+        The walk follows the partial index `ix_deliveries_open` in (next_attempt_at, id) order and
+        stops after `limit` rows. `exclude` skips webhooks (the dispatcher's saturated and slow
+        ones); `only` keeps just the listed webhooks (its slow lane).
 
         Raises:
             StoreUnavailable: when the database cannot be reached.
@@ -558,17 +691,22 @@ class Store:
         m = self._mark
         dt = self._dt_bind
         lock = " FOR UPDATE OF d SKIP LOCKED" if self.backend == "postgresql" else ""
+        which = ""
+        if exclude:
+            which += f" AND d.webhook_id NOT IN ({self._marks(len(exclude))})"
+        if only is not None:
+            which += f" AND d.webhook_id IN ({self._marks(len(only))})"
         claim_sql = (
-            f"UPDATE deliveries SET lease_owner = {m}, lease_expires_at = {m} WHERE id IN ("  # noqa: S608
+            f"UPDATE deliveries SET lease_owner = {m}, lease_expires_at = {self._db_now(m)}"  # noqa: S608
+            " WHERE id IN ("
             " SELECT d.id FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-            f" WHERE w.active AND d.{OPEN_STATES_SQL} AND d.next_attempt_at <= {m}"
-            f" AND (d.lease_expires_at IS NULL OR d.lease_expires_at < {m})"
+            f" WHERE (w.active OR d.is_test) AND d.{OPEN_STATES_SQL} AND d.next_attempt_at <= {m}"
+            f" AND (d.lease_expires_at IS NULL OR d.lease_expires_at < {self._db_now()}){which}"
             f" ORDER BY d.next_attempt_at, d.id LIMIT {m}{lock}"
             ") RETURNING id"
         )
-        stamp = dt(now)
         with self._driver(write=True) as cur:
-            cur.execute(claim_sql, (worker, dt(lease_until), stamp, stamp, limit))
+            cur.execute(claim_sql, (claim, float(lease_seconds), dt(now), *exclude, *(only or ()), limit))
             ids = [row[0] for row in cur.fetchall()]
             if not ids:
                 return []
@@ -596,20 +734,57 @@ class Store:
                     url=url,
                     secrets=(secret, prev) if live_prev else (secret,),
                     payload=payload.encode("utf-8"),
+                    claim=claim,
                 )
             )
         return claimed
 
+    def release(self, *, claim: str, delivery_ids: Sequence[int]) -> None:
+        """Give back claimed deliveries that were not sent (over a webhook's in-flight cap): they
+        are due again at once for any process.
+
+        Raises:
+            StoreUnavailable.
+        """
+        if not delivery_ids:
+            return
+        m = self._mark
+        with self._driver(write=True) as cur:
+            cur.execute(
+                "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL"  # noqa: S608
+                f" WHERE id IN ({self._marks(len(delivery_ids))}) AND lease_owner = {m}",
+                [*delivery_ids, claim],
+            )
+
+    def next_due_after(self, when: datetime) -> datetime | None:
+        """The earliest retry time after `when` among open deliveries (the dispatcher's one
+        timer), from the partial index in (next_attempt_at, id) order.
+
+        Raises:
+            StoreUnavailable.
+        """
+        with self.session() as s:
+            return s.exec(
+                select(Delivery.next_attempt_at)
+                .where(text(OPEN_STATES_SQL))
+                .where(col(Delivery.next_attempt_at) > when)
+                .order_by(col(Delivery.next_attempt_at), col(Delivery.id))
+                .limit(1)
+            ).first()
+
     def complete(self, *, worker: str, results: Sequence[AttemptResult], now: datetime) -> list[int]:
         """Log attempts and move their deliveries on, in one transaction.
 
-        A result is applied only while `worker` still holds the delivery's lease: a process whose
-        lease was taken over never overwrites the new owner. Three statements per batch: find
-        (and on PostgreSQL lock) what is still ours, one executemany UPDATE, one executemany
-        INSERT. Returns the ids whose results were applied.
+        A result is applied only while its claim still holds the delivery's lease: a claim whose
+        lease was taken over (by another process, or by this one after a stall) never overwrites
+        the new owner. A delivery cancelled while its send was in flight (its webhook was
+        deactivated) keeps its lease until then: the attempt is logged and the delivery stays
+        where the cancellation put it. Response bodies and errors are stored as `storable_text`.
+        Returns the ids whose results were applied.
 
         Raises:
-            StoreUnavailable: when the database cannot be reached.
+            StoreUnavailable: when the database cannot be reached. Conflict, InvalidInput: a row
+                the database refuses (the caller saves row by row to find it).
         """
         if not results:
             return []
@@ -619,21 +794,22 @@ class Store:
         lock = " FOR UPDATE" if self.backend == "postgresql" else ""
         with self._driver(write=True) as cur:
             cur.execute(
-                f"SELECT id FROM deliveries WHERE id IN ({self._marks(len(ids))})"  # noqa: S608
-                f" AND lease_owner = {m}{lock}",
-                [*ids, worker],
+                f"SELECT id, lease_owner, state FROM deliveries WHERE id IN ({self._marks(len(ids))}){lock}",  # noqa: S608
+                ids,
             )
-            owned = {row[0] for row in cur.fetchall()}
-            mine = [r for r in results if r.delivery_id in owned]
-            lost = [r.delivery_id for r in results if r.delivery_id not in owned]
-            if lost:
-                cur.execute(f"SELECT id FROM deliveries WHERE id IN ({self._marks(len(lost))})", lost)  # noqa: S608
-                still_there = {row[0] for row in cur.fetchall()}
-                for did in lost:
-                    if did in still_there:
-                        log.warning("delivery %s: lease lost before its result was saved", did)
-                    else:
-                        log.info("delivery %s was deleted with its webhook while it was sent", did)
+            rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+            mine: list[AttemptResult] = []
+            for r in results:
+                owner, state = rows.get(r.delivery_id, (None, None))
+                if owner is not None and owner == r.claim:
+                    if state not in OPEN_STATES:
+                        # Cancelled under the send: log what happened, keep the final state.
+                        r = replace(r, state=state, next_attempt_at=None)
+                    mine.append(r)
+                elif state is None:
+                    log.info("delivery %s was deleted with its webhook while it was sent", r.delivery_id)
+                else:
+                    log.warning("delivery %s: lease lost before its result was saved", r.delivery_id)
             if not mine:
                 return []
             stamp = dt(now)
@@ -653,8 +829,8 @@ class Store:
                         dt(r.started_at),
                         r.duration_ms,
                         r.status_code,
-                        r.response_body,
-                        r.error,
+                        storable_text(r.response_body),
+                        storable_text(r.error),
                         dt(r.next_attempt_at),
                     )
                     for r in mine
@@ -806,11 +982,13 @@ class Claimed:
     url: str
     secrets: tuple[str, ...]  # the current secret first; a rotated-out one while its grace lasts
     payload: bytes
+    claim: str  # the claim's token, held in lease_owner until the result is saved
 
 
 @dataclass(frozen=True)
 class AttemptResult:
     delivery_id: int
+    claim: str
     number: int
     started_at: datetime
     duration_ms: int
@@ -819,3 +997,4 @@ class AttemptResult:
     error: str | None
     state: str
     next_attempt_at: datetime | None
+    single_attempt: bool = False  # a test delivery: a failure ends it

@@ -2,9 +2,16 @@
 
 The classification is pure; name resolution is injected (`Resolver`) so the same rule runs at
 creation (here, on `getaddrinfo`) and at delivery time (on the address actually connected to).
-Like Svix and Hook0, an address is acceptable only when it is globally routable: RFC 1918,
-loopback, link-local, CGNAT, multicast, reserved, unique-local and unspecified ranges are refused,
-and IPv6 forms that embed an IPv4 address (mapped, 6to4, NAT64, Teredo) are judged by that address.
+Like Svix and Hook0, an address is acceptable only when it is globally routable. The rule is an
+explicit deny list (`DENIED_NETWORKS`, from the IANA special-purpose registries) and, on top of it,
+Python's `is_global`: the standard library alone is not enough, because on 3.11 it calls
+`::127.0.0.1` (IPv4-compatible), `64:ff9b:1::/48` (local-use NAT64) and `fec0::/10` (site-local)
+global. IPv6 forms that embed an IPv4 address (mapped, 6to4, NAT64, Teredo) are judged by that
+address; the deprecated IPv4-compatible form `::a.b.c.d` is refused outright.
+
+Host names are taken as the HTTP client (aiohttp, through yarl) will connect to them, not as
+`urllib` parses them: the two disagree on hosts such as `①②⑦.0.0.1`, which yarl normalises to
+the literal 127.0.0.1 and then connects to without asking any resolver.
 """
 
 from __future__ import annotations
@@ -22,6 +29,40 @@ Resolver = Callable[[str, int], Sequence[str]]
 """(host, port) -> the IP addresses it resolves to; raises `OSError` when it does not resolve."""
 
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+DENIED_NETWORKS: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = tuple(
+    ipaddress.ip_network(n)
+    for n in (
+        # IPv4 (RFC 6890 and successors)
+        "0.0.0.0/8",  # "this network"
+        "10.0.0.0/8",  # private
+        "100.64.0.0/10",  # carrier-grade NAT
+        "127.0.0.0/8",  # loopback
+        "169.254.0.0/16",  # link-local, cloud metadata services
+        "172.16.0.0/12",  # private
+        "192.0.0.0/24",  # IETF protocol assignments
+        "192.0.2.0/24",  # documentation
+        "192.88.99.0/24",  # 6to4 relay anycast
+        "192.168.0.0/16",  # private
+        "198.18.0.0/15",  # benchmarking
+        "198.51.100.0/24",  # documentation
+        "203.0.113.0/24",  # documentation
+        "224.0.0.0/4",  # multicast
+        "240.0.0.0/4",  # reserved, and the broadcast address
+        # IPv6
+        "::/96",  # unspecified, loopback and the deprecated IPv4-compatible form
+        "64:ff9b:1::/48",  # local-use NAT64
+        "100::/64",  # discard-only
+        "2001::/23",  # IETF protocol assignments (Teredo is judged by its client address first)
+        "2001:db8::/32",  # documentation
+        "3fff::/20",  # documentation
+        "5f00::/16",  # segment routing SIDs
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+        "fec0::/10",  # site-local (deprecated, still routed inside some networks)
+        "ff00::/8",  # multicast
+    )
+)
 
 
 def system_resolver(host: str, port: int) -> list[str]:
@@ -45,10 +86,33 @@ def _embedded_ipv4(addr: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
 def is_public_address(addr: IPAddress) -> bool:
     """True when `addr` is globally routable, judging embedded IPv4 addresses by themselves."""
     if isinstance(addr, ipaddress.IPv6Address):
+        if addr.scope_id:
+            return False  # a zone index only means something on a local link
         inner = _embedded_ipv4(addr)
         if inner is not None:
             return is_public_address(inner)
+    if any(addr.version == net.version and addr in net for net in DENIED_NETWORKS):
+        return False
     return addr.is_global and not addr.is_multicast
+
+
+def client_host(url: str) -> str:
+    """The host exactly as aiohttp (yarl) will connect to it: IDNA- and NFKC-normalised, IPv6
+    without brackets. Empty when yarl cannot parse the URL."""
+    from yarl import URL
+
+    try:
+        return URL(url).host or ""
+    except (ValueError, TypeError):
+        return ""
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """`host` as an IP address when it is one (a zone index is kept), else None."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
 
 
 def parse_webhook_url(url: str, *, allow_private: bool) -> SplitResult:
@@ -88,7 +152,7 @@ def check_addresses(host: str, addresses: Sequence[str]) -> None:
         InvalidInput: (field ``url``) naming the host and the refused address.
     """
     for raw in addresses:
-        addr = ipaddress.ip_address(raw.split("%", 1)[0])
+        addr = ipaddress.ip_address(raw)
         if not is_public_address(addr):
             raise InvalidInput(
                 "url",
@@ -105,12 +169,11 @@ def validate_webhook_url(url: str, *, allow_private: bool, resolve: Resolver) ->
             that resolves to a non-public address while private targets are not allowed.
     """
     parts = parse_webhook_url(url, allow_private=allow_private)
-    host = parts.hostname or ""
+    host = client_host(url)
+    if not host:
+        raise InvalidInput("url", "has a host name the delivery client cannot use")
     port = parts.port or (443 if parts.scheme.lower() == "https" else 80)
-    try:
-        literal: IPAddress | None = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        literal = None
+    literal = literal_address(host)
     if literal is not None:
         addresses: Sequence[str] = [str(literal)]
     else:

@@ -1,0 +1,420 @@
+"""The delivery engine under faults, on SQLite and PostgreSQL, with a real receiver on 127.0.0.1:
+odd response bytes, rows the database refuses, errors before a send, stalls past the lease, clock
+skew, deactivation under a send, a receiver that never answers, and races with webhook changes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import anyio
+import pytest
+from sqlalchemy import text, update
+
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
+from justscan_mcp.dispatcher import Dispatcher
+from justscan_mcp.errors import StoreUnavailable
+from justscan_mcp.models import Webhook, utcnow
+from tests.conftest import TeamKit, make_team
+from tests.receiver import BlackHole, Receiver, Reply
+
+pytestmark = pytest.mark.anyio
+
+SCHEDULE = (0.2, 0.4, 0.6)
+
+
+def settings(db_url: str, **changes) -> Settings:
+    base = dict(
+        database_url=db_url,
+        allow_private_targets=True,
+        retry_schedule=SCHEDULE,
+        delivery_timeout=1.0,
+        poll_interval=0.1,
+        lease_margin=1.0,
+    )
+    return Settings(**(base | changes))
+
+
+@contextlib.asynccontextmanager
+async def running(db_url: str, **changes) -> AsyncIterator[App]:
+    """An app with its dispatcher running in this event loop."""
+    app = App.build(settings(db_url, **changes))
+    app.prepare()
+    async with app.lifespan(dispatcher=True):
+        await until(lambda: app.ready, what="dispatcher ready")
+        yield app
+
+
+async def until(predicate, *, timeout: float = 20.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await anyio.to_thread.run_sync(predicate)
+        if value:
+            return value
+        await anyio.sleep(0.02)
+    pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
+
+
+@pytest.fixture
+def receiver():
+    with Receiver() as r:
+        yield r
+
+
+def hook(kit: TeamKit, url: str, path: str | None = None, receiver: Receiver | None = None):
+    created = kit.app.service.create_webhook(principal=kit.principal(), url=url, events=["scan"])
+    if receiver is not None and path is not None:
+        receiver.secrets[path] = created.secret
+    return created
+
+
+def scan(n: int = 1) -> dict:
+    return {"qr_code_id": 5000 + n, "scan_id": n}
+
+
+def emit(app: App, kit: TeamKit, n: int = 1) -> list[int]:
+    return app.service.emit_event(team_id=kit.team.id, event="scan", data=scan(n)).deliveries
+
+
+def delivery(app: App, kit: TeamKit, delivery_id: int):
+    return app.store.get_delivery(team_id=kit.team.id, delivery_id=delivery_id)
+
+
+def final(app: App, kit: TeamKit, delivery_id: int):
+    found = delivery(app, kit, delivery_id)
+    return found if found and found[0].state in ("succeeded", "failed") else None
+
+
+# --- odd bytes and rows the database refuses --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "stored"),
+    [(b"ok\x00", "ok\ufffd"), (b"\xff\xfeok", "\ufffd\ufffdok"), (b"caf\xc3", "caf\ufffd")],
+    ids=["nul", "invalid-utf8", "cut-utf8"],
+)
+async def test_nul_and_invalid_utf8_bodies_are_stored_as_replacement_characters(
+    db_url: str, receiver: Receiver, body: bytes, stored: str
+):
+    """PostgreSQL refuses NUL in text: the attempt insert raised DataError and the writer dropped
+    the whole batch, so the delivery was sent again after every lease, forever."""
+    async with running(db_url) as app:
+        kit = make_team(app, "bytes")
+        w = hook(kit, receiver.url("/odd"), "/odd", receiver)
+        fine = hook(kit, receiver.url("/fine"), "/fine", receiver)
+        receiver.expect("/odd", Reply(200, body=body))
+        ids = emit(app, kit)
+        assert len(ids) == 2
+        for did in ids:
+            await until(lambda did=did: final(app, kit, did), what=f"delivery {did} final")
+        by_hook = {delivery(app, kit, did)[0].webhook_id: delivery(app, kit, did) for did in ids}
+        d, attempts = by_hook[w.id]
+        assert d.state == "succeeded" and [a.number for a in attempts] == [1]
+        assert attempts[0].response_body == stored
+        assert by_hook[fine.id][0].state == "succeeded"
+        assert len(receiver.at("/odd")) == 1 and len(receiver.at("/fine")) == 1
+
+
+async def test_a_row_the_database_refuses_costs_only_that_row(db_url: str, receiver: Receiver):
+    """Any error in complete() that is not an outage: the batch is saved row by row, and the row
+    that still fails is recorded as a failed attempt that says why (nothing is dropped)."""
+    app = App.build(settings(db_url))
+    app.prepare()
+    kit = make_team(app, "refused")
+    hooks = [hook(kit, receiver.url(f"/r{i}"), f"/r{i}", receiver) for i in range(4)]
+    ids = emit(app, kit)
+    assert len(ids) == 4
+    poison = ids[2]
+    dispatcher = Dispatcher(app.store, app.settings)
+    real = app.store.complete
+
+    def complete(*, worker, results, now):
+        if any(r.delivery_id == poison and r.error is None for r in results):
+            raise RuntimeError("value out of range for this column")
+        return real(worker=worker, results=results, now=now)
+
+    app.store.complete = complete  # type: ignore[method-assign]
+    jobs = [
+        j
+        for j in app.store.claim_due(claim="c", now=utcnow(), lease_seconds=60, limit=1000)
+        if j.delivery_id in ids
+    ]
+    assert len(jobs) == 4
+    from justscan_mcp.sender import SendOutcome
+
+    batch = [dispatcher._result(j, SendOutcome(200, "ok", None, 3), utcnow()) for j in jobs]
+    await dispatcher._save(batch)
+    for did in ids:
+        d, attempts = delivery(app, kit, did)
+        assert [a.number for a in attempts] == [1], did
+        if did == poison:
+            assert d.state == "retrying" and d.lease_owner is None
+            assert attempts[0].status_code is None
+            assert "could not be stored" in attempts[0].error and "out of range" in attempts[0].error
+        else:
+            assert d.state == "succeeded" and attempts[0].status_code == 200
+    assert len(hooks) == 4
+    app.close()
+
+
+async def test_an_error_before_the_send_is_a_failed_attempt_not_a_lease_forever(
+    db_url: str, receiver: Receiver
+):
+    """A malformed stored secret makes signing raise inside _deliver: the delivery must still
+    move through its attempts and end `failed`, not be leased again and again."""
+    async with running(db_url) as app:
+        kit = make_team(app, "broken-secret")
+        w = hook(kit, receiver.url("/never"), "/never", receiver)
+        with app.store.session() as s:
+            s.execute(update(Webhook).where(Webhook.id == w.id).values(secret="whsec_not base64!"))
+        (did,) = emit(app, kit)
+        d, attempts = await until(lambda: final(app, kit, did), what="the delivery to end")
+        assert d.state == "failed"
+        assert [a.number for a in attempts] == [1, 2, 3, 4]
+        assert all(a.status_code is None and a.error.startswith("internal error") for a in attempts)
+        assert receiver.at("/never") == []
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+async def test_a_stall_past_the_lease_never_saves_a_result_twice(db_url: str, receiver: Receiver, caplog):
+    """The writer stalls longer than the lease: the delivery is claimed again (by this same
+    process) and sent once more. Both results then reach one save. Only the claim that holds the
+    lease may save; before claim tokens the two rows collided on (delivery_id, number), the whole
+    batch was dropped and the delivery was sent a third time."""
+    async with running(db_url) as app:
+        kit = make_team(app, "stall")
+        first = hook(kit, receiver.url("/first"), "/first", receiver)
+        target = hook(kit, receiver.url("/target"), "/target", receiver)
+        real = app.store.complete
+        stalled = threading.Event()
+
+        def complete(**kwargs):
+            if not stalled.is_set():
+                stalled.set()
+                time.sleep(3.5)  # the stall: longer than the 2 s lease, shorter than two
+            return real(**kwargs)
+
+        app.store.complete = complete  # type: ignore[method-assign]
+        switch(app, target.id, active=False)  # the first event reaches only /first
+        emit(app, kit, 1)
+        await until(lambda: stalled.is_set(), what="the writer to stall")
+        switch(app, first.id, active=False)  # the second only /target
+        switch(app, target.id, active=True)
+        caplog.set_level(logging.INFO, logger="justscan_mcp")
+        (did,) = emit(app, kit, 2)
+        d, attempts = await until(lambda: final(app, kit, did), timeout=30, what="the target delivery")
+        assert d.state == "succeeded" and [a.number for a in attempts] == [1]
+        assert len(receiver.at("/target")) == 2  # the stall's one duplicate send, and no more
+        assert "failed unexpectedly" not in caplog.text and "saving them one by one" not in caplog.text
+        assert f"delivery {did}: lease lost" in caplog.text
+
+
+def switch(app: App, webhook_id: int, *, active: bool) -> None:
+    """Flip `active` in the table only (no cancellation): which webhooks an event fans out to."""
+    with app.store.session() as s:
+        s.execute(update(Webhook).where(Webhook.id == webhook_id).values(active=active))
+
+
+async def test_a_process_whose_clock_runs_ahead_does_not_take_live_leases(db_url: str, receiver: Receiver):
+    """Leases are judged by the database's clock: a dispatcher whose own clock is an hour ahead
+    must not think another process's fresh lease has expired and send the delivery again."""
+    async with running(db_url, delivery_timeout=3.0) as app:
+        kit = make_team(app, "skew")
+        hook(kit, receiver.url("/skew"), "/skew", receiver)
+        receiver.expect("/skew", Reply(200, delay=1.5))
+        (did,) = emit(app, kit)
+        await until(lambda: receiver.at("/skew"), what="the first send")
+        ahead = Dispatcher(app.store, app.settings, clock=lambda: utcnow() + timedelta(hours=1))
+        await ahead.start()
+        try:
+            await until(lambda: final(app, kit, did), what="the delivery to end")
+        finally:
+            await ahead.stop()
+        assert len(receiver.at("/skew")) == 1
+        d, attempts = delivery(app, kit, did)
+        assert d.state == "succeeded" and [a.number for a in attempts] == [1]
+
+
+# --- inactive webhooks ------------------------------------------------------------------------
+
+
+async def test_deactivation_under_a_send_ends_the_delivery_failed_and_logs_the_attempt(
+    db_url: str, receiver: Receiver
+):
+    async with running(db_url, delivery_timeout=3.0) as app:
+        kit = make_team(app, "deactivate")
+        w = hook(kit, receiver.url("/busy"), "/busy", receiver)
+        receiver.expect("/busy", Reply(503, delay=1.0))
+        (did,) = emit(app, kit)
+        await until(lambda: receiver.at("/busy"), what="the send to be in flight")
+        app.service.update_webhook(principal=kit.principal(), webhook_id=w.id, changes={"active": False})
+        d, attempts = await until(
+            lambda: (found := delivery(app, kit, did)) and found[1] and found, what="the in-flight attempt"
+        )
+        assert d.state == "failed" and d.note == "cancelled: webhook deactivated"
+        assert [(a.number, a.status_code, a.next_retry_at) for a in attempts] == [(1, 503, None)]
+        assert d.lease_owner is None and d.lease_expires_at is None
+        # Switching it back on sends nothing that was cancelled.
+        app.service.update_webhook(principal=kit.principal(), webhook_id=w.id, changes={"active": True})
+        (later,) = emit(app, kit, 2)
+        await until(lambda: final(app, kit, later), what="a new delivery")
+        assert len(receiver.at("/busy")) == 2
+        assert delivery(app, kit, did)[0].state == "failed"
+
+
+async def test_a_test_delivery_reaches_an_inactive_webhook(db_url: str, receiver: Receiver):
+    async with running(db_url) as app:
+        kit = make_team(app, "test-inactive")
+        w = hook(kit, receiver.url("/check"), "/check", receiver)
+        app.service.update_webhook(principal=kit.principal(), webhook_id=w.id, changes={"active": False})
+        receiver.expect("/check", Reply(204, body=b""))
+        outcome = await app.send_test_and_wait(principal=kit.principal(), webhook_id=w.id)
+        assert outcome.state == "succeeded" and outcome.status_code == 204
+        assert [r.verified for r in receiver.at("/check")] == [True]
+
+
+async def test_redeliver_to_an_inactive_webhook_is_refused_and_stores_nothing(db_url: str, receiver):
+    from justscan_mcp.errors import Conflict
+
+    app = App.build(settings(db_url))
+    app.prepare()
+    kit = make_team(app, "redeliver-inactive")
+    w = hook(kit, receiver.url("/x"), "/x", receiver)
+    (did,) = emit(app, kit)
+    app.service.update_webhook(principal=kit.principal(), webhook_id=w.id, changes={"active": False})
+    with pytest.raises(Conflict) as refused:
+        app.service.redeliver(principal=kit.principal(), delivery_id=did)
+    assert refused.value.field == "webhook_id"
+    log = app.service.list_deliveries(principal=kit.principal(), webhook_id=w.id).deliveries
+    assert [d.id for d in log] == [did]
+    app.close()
+
+
+# --- isolation --------------------------------------------------------------------------------
+
+
+async def test_a_black_holed_receiver_does_not_delay_other_webhooks(db_url: str, receiver: Receiver):
+    """200 deliveries queued for a receiver that accepts and never answers, 16 slots: another
+    webhook's deliveries must each arrive in less than one delivery timeout."""
+    timeout = 2.0
+    async with running(db_url, delivery_timeout=timeout, max_in_flight=16, retry_schedule=(30.0,)) as app:
+        with BlackHole() as hole:
+            kit = make_team(app, "isolation")
+            hook(kit, hole.url("/void"))
+            other = make_team(app, "isolation-other")
+            hook(other, receiver.url("/healthy"), "/healthy", receiver)
+            # The dead endpoint's backlog first: it is due before anything the other team records.
+            for n in range(200):
+                app.service.emit_event(team_id=kit.team.id, event="scan", data=scan(n + 1))
+            await until(lambda: hole.accepted >= 1, what="the black hole to hold sends")
+            latencies = []
+            for n in range(12):  # spread over several timeouts of the dead endpoint
+                start = time.monotonic()
+                app.service.emit_event(team_id=other.team.id, event="scan", data=scan(n + 1))
+                await until(lambda n=n: len(receiver.at("/healthy")) > n, what="the healthy delivery")
+                latencies.append(time.monotonic() - start)
+                await anyio.sleep(0.3)
+            assert max(latencies) < timeout, latencies
+            assert hole.accepted >= 2  # the dead endpoint kept being tried meanwhile
+
+
+# --- races ------------------------------------------------------------------------------------
+
+
+def test_events_racing_deletes_and_deactivations_leave_no_error_and_no_zombie(app: App):
+    """PostgreSQL: an event that read the team's webhooks before a delete committed failed on the
+    foreign key (a 500, the event lost); one racing a deactivation left an open delivery to an
+    inactive webhook. The fan-out now locks the rows it reads."""
+    kit = make_team(app, "race")
+    errors: list[BaseException] = []
+    for round_ in range(15):
+        hooks = [
+            app.service.create_webhook(
+                principal=kit.principal(), url=f"https://93.184.216.34/r{round_}/{i}", events=["scan"]
+            )
+            for i in range(4)
+        ]
+        barrier = threading.Barrier(8)
+
+        def emitter(i: int, barrier=barrier) -> None:
+            barrier.wait()
+            for k in range(5):
+                try:
+                    app.service.emit_event(team_id=kit.team.id, event="scan", data=scan(1 + i * 10 + k))
+                except BaseException as exc:
+                    errors.append(exc)
+
+        def changer(i: int, h=hooks, barrier=barrier) -> None:
+            barrier.wait()
+            try:
+                if i % 2:
+                    app.service.delete_webhook(principal=kit.principal(), webhook_id=h[i].id)
+                else:
+                    app.service.update_webhook(
+                        principal=kit.principal(), webhook_id=h[i].id, changes={"active": False}
+                    )
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=emitter, args=(i,)) for i in range(4)]
+        threads += [threading.Thread(target=changer, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        with app.store.session() as s:
+            zombies = s.execute(
+                text(
+                    "SELECT count(*) FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+                    " WHERE d.team_id = :t AND NOT w.active AND d.state IN ('pending', 'retrying')"
+                ),
+                {"t": kit.team.id},
+            ).scalar()
+        assert zombies == 0, f"round {round_}: {zombies} open deliveries to inactive webhooks"
+
+
+def test_concurrent_rotations_keep_both_new_secrets(app: App):
+    """Each rotation read the secret and wrote in a second transaction: two at once both kept the
+    original as `previous_secret`, and the first new secret, already handed out, was lost."""
+    kit = make_team(app, "rotate")
+    for round_ in range(10):
+        w = app.service.create_webhook(
+            principal=kit.principal(), url=f"https://93.184.216.34/rot{round_}", events=["scan"]
+        )
+        barrier = threading.Barrier(2)
+        issued: list[str] = []
+
+        def rotate(w=w, barrier=barrier, issued=issued) -> None:
+            barrier.wait()
+            issued.append(app.service.rotate_secret(principal=kit.principal(), webhook_id=w.id).secret)
+
+        threads = [threading.Thread(target=rotate) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        row = app.store.get_webhook(team_id=kit.team.id, webhook_id=w.id)
+        assert {row.secret, row.previous_secret} == set(issued), f"round {round_}"
+
+
+# --- the store's error translation ------------------------------------------------------------
+
+
+def test_a_wrong_statement_is_a_bug_not_an_outage(app: App):
+    """SQLite reports a wrong statement as OperationalError, like a locked file; it must not be
+    taken for "database unavailable" (retried forever by the dispatcher)."""
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError) as raised, app.store.session() as s:
+        s.execute(text("SELECT no_such_column FROM deliveries"))
+    assert not isinstance(raised.value, StoreUnavailable)
+    with pytest.raises(StoreUnavailable), app.store.session():
+        raise app.store._driver_errors[0]("database is locked")  # an outage stays an outage
