@@ -119,9 +119,27 @@ async def test_streamable_http_tools_isolation_and_scopes(http_server: HttpServe
         assert made.is_error is False and made.structured_content["team_id"] == a.team.id
         listed = (await c.call_tool("list_webhooks", {})).structured_content["webhooks"]
         assert [w["id"] for w in listed] == [made.structured_content["id"]]
-        for call in ("delete_webhook",):
-            foreign = await c.call_tool(call, {"webhook_id": theirs.id})
-            assert foreign.is_error and "does not exist" in foreign.content[0].text
+        # Every tool that takes an id answers another team's id as if it did not exist.
+        their_delivery = b.app.service.emit_event(
+            team_id=b.team.id, event="scan", data={"qr_code_id": 31, "scan_id": 1}
+        ).deliveries[0]
+        by_id = {
+            "get_webhook": {"webhook_id": theirs.id},
+            "update_webhook": {"webhook_id": theirs.id, "active": False},
+            "delete_webhook": {"webhook_id": theirs.id},
+            "test_webhook": {"webhook_id": theirs.id},
+            "list_deliveries": {"webhook_id": theirs.id},
+            "rotate_secret": {"webhook_id": theirs.id},
+            "redeliver": {"delivery_id": their_delivery},
+        }
+        assert sorted([*by_id, "create_webhook", "list_webhooks"]) == ALL_TOOLS
+        for call, args in by_id.items():
+            foreign = await c.call_tool(call, args)
+            assert foreign.is_error and "does not exist" in foreign.content[0].text, call
+        unchanged = b.app.store.get_webhook(team_id=b.team.id, webhook_id=theirs.id)
+        assert unchanged.active and unchanged.secret == theirs.secret and unchanged.previous_secret is None
+        log = b.app.service.list_deliveries(principal=b.principal(), webhook_id=theirs.id).deliveries
+        assert [d.id for d in log] == [their_delivery]
     ro = a.key(scopes=["webhooks:read"])
     async with http_client(http_server, ro.key) as c:
         assert sorted(t.name for t in (await c.list_tools()).tools) == READ_TOOLS

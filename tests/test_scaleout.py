@@ -271,13 +271,15 @@ def test_restart_postgres_while_deliveries_are_flowing(pg_url, app, receiver, tm
     arrived = {r.headers["x-webhook-delivery"] for r in receiver.at("/r")}
     assert arrived == {str(i) for i in accepted}
     assert all(r.verified for r in receiver.at("/r"))
-    logs = "".join(p.read_text() for p in tmp_path.glob("worker*.log"))
-    print(
-        "worker log lines about the outage:",
-        [line for line in logs.splitlines() if "retrying" in line or "LISTEN" in line or "listening" in line][
-            :6
-        ],
-    )
+    worker_logs = sorted(tmp_path.glob("worker*.log"))
+    assert len(worker_logs) == 2
+    for path in worker_logs:
+        lines = path.read_text().splitlines()
+        outage = [line for line in lines if "retrying" in line or "LISTEN" in line or "listening" in line]
+        print(f"{path.name} lines about the outage:", outage[:6])
+        # Each worker noticed the restart and came back by itself, and said both in its log.
+        assert any("LISTEN connection lost" in line for line in lines), path.name
+        assert any("listening for new work again" in line for line in lines), path.name
 
 
 def test_receiver_down_longer_than_the_schedule_then_redeliver(pg_url, app, tmp_path):

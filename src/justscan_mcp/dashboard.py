@@ -134,6 +134,9 @@ class LoginThrottle:
             return 0
         return max(1, math.ceil(times[0] + self.window - now))
 
+    def succeeded(self, address: str) -> None:
+        self._seen.pop(address, None)
+
     def failed(self, address: str, now: float) -> None:
         if address not in self._seen and len(self._seen) >= self.max_addresses:
             # Forget the addresses that failed longest ago rather than grow without bound.
@@ -284,6 +287,8 @@ def build_dashboard(app: App) -> list[BaseRoute]:
                 return login_form(request, template, 401, error=exc.message)
             except StoreUnavailable as exc:
                 return login_form(request, template, 503, error=exc.PUBLIC)
+            if throttle:
+                throttle.succeeded(address)
             response = redirect(landing)
             set_session(response, request, token)
             response.delete_cookie(LOGIN_CSRF_COOKIE)
