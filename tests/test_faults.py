@@ -315,12 +315,14 @@ async def test_a_black_holed_receiver_does_not_delay_other_webhooks(db_url: str,
                 app.service.emit_event(team_id=kit.team.id, event="scan", data=scan(n + 1))
             await until(lambda: hole.accepted >= 1, what="the black hole to hold sends")
             latencies = []
-            for n in range(12):  # spread over several timeouts of the dead endpoint
+            for n in range(12):
                 start = time.monotonic()
                 app.service.emit_event(team_id=other.team.id, event="scan", data=scan(n + 1))
                 await until(lambda n=n: len(receiver.at("/healthy")) > n, what="the healthy delivery")
                 latencies.append(time.monotonic() - start)
-                await anyio.sleep(0.3)
+                if n % 3 == 2:  # spread the healthy events over the dead endpoint's timeouts
+                    seen = hole.accepted
+                    await until(lambda seen=seen: hole.accepted > seen, what="the black hole to take more")
             assert max(latencies) < timeout, latencies
             assert hole.accepted >= 2  # the dead endpoint kept being tried meanwhile
 
@@ -418,3 +420,176 @@ def test_a_wrong_statement_is_a_bug_not_an_outage(app: App):
     assert not isinstance(raised.value, StoreUnavailable)
     with pytest.raises(StoreUnavailable), app.store.session():
         raise app.store._driver_errors[0]("database is locked")  # an outage stays an outage
+
+
+# --- where deliveries may go ------------------------------------------------------------------
+
+# Addresses Python 3.11's `is_global` calls global, or that only an explicit list catches, and one
+# of each embedded-IPv4 form that hides a private address.
+NOT_PUBLIC = [
+    "::127.0.0.1",  # IPv4-compatible (deprecated): was accepted
+    "::a00:1",  # IPv4-compatible 10.0.0.1
+    "64:ff9b:1::7f00:1",  # local-use NAT64: was accepted
+    "fec0::1",  # site-local: was accepted
+    "64:ff9b::7f00:1",  # NAT64 of 127.0.0.1
+    "::ffff:169.254.169.254",  # IPv4-mapped metadata service
+    "2002:a00:1::1",  # 6to4 of 10.0.0.1
+    "2001:0:4136:e378:8000:63bf:f5ff:fffe",  # Teredo whose client is 10.0.0.1
+    "100::1",  # discard-only
+    "2001:db8::1",  # documentation
+    "fc00::1",
+    "fe80::1",
+    "ff02::1",
+    "100.64.0.1",
+    "198.18.0.1",
+    "192.0.0.8",
+    "192.88.99.1",
+    "0.1.2.3",
+    "240.0.0.1",
+    "255.255.255.255",
+]
+
+
+@pytest.mark.parametrize("address", NOT_PUBLIC)
+def test_non_public_addresses_are_refused_at_creation(address: str):
+    from justscan_mcp.errors import InvalidInput
+    from justscan_mcp.targets import validate_webhook_url
+
+    host = f"[{address}]" if ":" in address else address
+    with pytest.raises(InvalidInput) as literal:
+        validate_webhook_url(f"https://{host}/h", allow_private=False, resolve=lambda h, p: [])
+    assert literal.value.field == "url"
+    with pytest.raises(InvalidInput) as named:
+        validate_webhook_url("https://named.test/h", allow_private=False, resolve=lambda h, p: [address])
+    assert address.split("%")[0] in named.value.message or "resolves to" in named.value.message
+
+
+@pytest.mark.parametrize("address", NOT_PUBLIC)
+async def test_non_public_addresses_are_refused_at_connect_time(address: str, monkeypatch):
+    """At delivery time: an IP literal (which aiohttp does not resolve) and a name whose DNS answer
+    changed since creation are both judged before any connection."""
+    import socket
+
+    from justscan_mcp.sender import Sender
+
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if host == "rebound.test":
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sockaddr = (address, 443, 0, 0) if family == socket.AF_INET6 else (address, 443)
+            return [(family, socket.SOCK_STREAM, 6, "", sockaddr)]
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    sender = Sender(timeout=2, allow_private=False)
+    await sender.start()
+    try:
+        host = f"[{address}]" if ":" in address else address
+        for url in (f"https://{host}/h", "https://rebound.test/h"):
+            outcome = await sender.post(url, b"{}", {})
+            assert outcome.status_code is None and outcome.error.startswith("refused"), (url, outcome)
+    finally:
+        await sender.close()
+
+
+async def test_the_host_is_judged_as_the_client_parses_it(receiver: Receiver):
+    """yarl (aiohttp's parser) turns `①②⑦.0.0.1` into the literal 127.0.0.1 and connects without a
+    lookup; urllib kept it as a name, so the literal check never saw a loopback address."""
+    from justscan_mcp.errors import InvalidInput
+    from justscan_mcp.sender import Sender
+    from justscan_mcp.targets import validate_webhook_url
+
+    url = f"http://①②⑦.0.0.1:{receiver.port}/sneaky"
+    sender = Sender(timeout=2, allow_private=False)
+    await sender.start()
+    try:
+        outcome = await sender.post(url, b"{}", {})
+    finally:
+        await sender.close()
+    assert outcome.error == "refused: 127.0.0.1 is not a public address"
+    assert receiver.at("/sneaky") == []
+    with pytest.raises(InvalidInput, match=r"127\.0\.0\.1"):
+        validate_webhook_url(
+            f"https://①②⑦.0.0.1:{receiver.port}/", allow_private=False, resolve=lambda h, p: ["8.8.8.8"]
+        )
+
+
+async def test_a_slow_name_server_costs_one_lookup_its_time_limit_not_everyone_else(monkeypatch):
+    """DNS has its own threads and a per-lookup time limit: a lookup that hangs fails on time, and
+    lookups of other names (and the event loop's default executor) do not queue behind it."""
+    import socket
+
+    from justscan_mcp.sender import VettingResolver
+
+    release = threading.Event()
+    real = socket.getaddrinfo
+
+    def fake(host, *args, **kwargs):
+        if host.startswith("slow"):
+            release.wait(30)  # an authoritative server that does not answer
+        return real("127.0.0.1" if host.startswith("slow") else host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    resolver = VettingResolver(allow_private=True, timeout=0.5)
+    try:
+        stuck = [asyncio_task(resolver.resolve(f"slow{i}.test", 443)) for i in range(20)]
+        start = time.monotonic()
+        fast = await resolver.resolve("localhost", 443)
+        assert fast and time.monotonic() - start < 0.5  # not behind the stuck lookups' threads
+        loop_default = await anyio.to_thread.run_sync(lambda: "default executor free")
+        assert loop_default
+        for task in stuck:
+            with pytest.raises(OSError, match=r"longer than 0\.5s"):
+                await task
+    finally:
+        release.set()
+        await resolver.close()
+
+
+def asyncio_task(coro):
+    import asyncio
+
+    return asyncio.ensure_future(coro)
+
+
+# --- the dispatcher's own upkeep --------------------------------------------------------------
+
+
+async def test_one_retry_timer_however_many_deliveries_wait(db_url: str, receiver: Receiver):
+    """A job per retrying delivery grew without bound behind a dead high-volume endpoint."""
+    app = App.build(settings(db_url, retry_schedule=(30.0, 60.0)))
+    app.prepare()
+    kit = make_team(app, "timers")
+    hook(kit, receiver.url("/down"), "/down", receiver)
+    receiver.expect("/down", *[Reply(500)] * 50)
+    dispatcher = Dispatcher(app.store, app.settings)
+    await dispatcher.start()
+    try:
+        ids = [d for n in range(50) for d in emit(app, kit, n + 1)]
+        await until(
+            lambda: all(delivery(app, kit, d)[0].state == "retrying" for d in ids), what="50 retrying"
+        )
+        jobs = dispatcher._scheduler.get_jobs()
+        assert sorted(j.id for j in jobs) == ["poll", "retry"]
+        (timer,) = [j for j in jobs if j.id == "retry"]
+        earliest = min(delivery(app, kit, d)[0].next_attempt_at for d in ids)
+        assert abs((timer.next_run_time - earliest).total_seconds()) < 0.01
+    finally:
+        await dispatcher.stop()
+        app.close()
+
+
+async def test_stopping_before_or_during_start_does_not_raise(db_url: str):
+    app = App.build(settings(db_url))
+    app.prepare()
+    never_started = Dispatcher(app.store, app.settings)
+    await never_started.stop()
+    # A stop signal while the database is still being waited for.
+    down = App.build(settings("postgresql://postgres@127.0.0.1:1/nothing"))
+    async with down.lifespan(dispatcher=True):
+        pass
+    # And one that lands while the dispatcher starts.
+    async with app.lifespan(dispatcher=True):
+        await until(lambda: app.ready, what="ready")
+    app.close()

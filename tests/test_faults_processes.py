@@ -1,0 +1,210 @@
+"""Faults with real processes: SIGTERM while PostgreSQL is stopped, the SQLite cross-process
+wake-up, and a black-holed receiver beside a healthy one across several workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
+from justscan_mcp.store import Store
+from tests.conftest import child_env, make_team, missing, spawn_server, spawn_worker, stop_process, wait_for
+from tests.receiver import BlackHole, Receiver, Reply
+
+pytestmark = pytest.mark.slow
+
+FAST = {
+    "JUSTSCAN_ALLOW_PRIVATE_TARGETS": "1",
+    "JUSTSCAN_RETRY_SCHEDULE": "0.2,0.4,0.6",
+    "JUSTSCAN_DELIVERY_TIMEOUT": "3",
+    "JUSTSCAN_LEASE_MARGIN": "1",
+}
+
+
+@pytest.fixture
+def receiver():
+    with Receiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def pg_url(pg_base_url: str | None) -> str:
+    if pg_base_url is None:
+        missing("JUSTSCAN_TEST_DATABASE_URL", "these faults need PostgreSQL; set it")
+    store = Store.from_url(pg_base_url)
+    store.migrate()
+    store.close()
+    return pg_base_url
+
+
+def recorder(url: str) -> App:
+    app = App.build(Settings(database_url=url, allow_private_targets=True))
+    app.prepare()
+    return app
+
+
+def cluster() -> list[str]:
+    if not Path("/etc/postgresql").is_dir():
+        missing("the local PostgreSQL cluster", "these tests stop and start it with pg_ctlcluster")
+    version = sorted(os.listdir("/etc/postgresql"))[0]
+    return ["pg_ctlcluster", "--skip-systemctl-redirect", version, "main"]
+
+
+def postgres(action: str) -> None:
+    subprocess.run(
+        [*cluster(), action, *(["-m", "fast"] if action == "stop" else [])], check=True, timeout=120
+    )
+    if action == "start":
+        wait_for(
+            lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1", "-q"]).returncode == 0,
+            timeout=60,
+            what="PostgreSQL back",
+        )
+
+
+def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothing(
+    pg_url: str, receiver: Receiver, tmp_path: Path
+):
+    """The writer retried the save forever and stop() waited for it: a worker asked to stop
+    during a database outage never exited. Now it gives up on the save after a few seconds; the
+    lease brings the delivery back to a worker once the database is there again."""
+    app = recorder(pg_url)
+    kit = make_team(app, "sigterm-pg")
+    hook = app.service.create_webhook(principal=kit.principal(), url=receiver.url("/t"), events=["scan"])
+    receiver.expect("/t", Reply(200, delay=2.0))
+    log = tmp_path / "worker.log"
+    worker = spawn_worker(child_env(pg_url, **FAST), log)
+    try:
+        wait_for(lambda: "started" in log.read_text(), what="worker up")
+        (did,) = app.service.emit_event(
+            team_id=kit.team.id, event="scan", data={"qr_code_id": 1, "scan_id": 1}
+        ).deliveries
+        wait_for(lambda: receiver.at("/t"), what="the send in flight")
+        postgres("stop")
+        try:
+            worker.terminate()
+            started = time.monotonic()
+            try:
+                code = worker.wait(timeout=3 + 8)  # the delivery timeout plus a few seconds
+            except subprocess.TimeoutExpired:
+                pytest.fail("the worker did not exit on SIGTERM while PostgreSQL was stopped")
+            print(f"exited {time.monotonic() - started:.1f} s after SIGTERM, code {code}")
+            assert code == 0
+            text = log.read_text()
+            assert "unsaved" in text and "Traceback" not in text
+        finally:
+            postgres("start")
+        again = spawn_worker(child_env(pg_url, **FAST), tmp_path / "again.log")
+        try:
+            wait_for(
+                lambda: app.store.get_delivery(team_id=kit.team.id, delivery_id=did)[0].state == "succeeded",
+                timeout=60,
+                what="the delivery after the lease expired",
+            )
+        finally:
+            stop_process(again)
+        assert len(receiver.at("/t")) == 2  # at least once: sent again, never lost
+        assert hook.id
+    finally:
+        stop_process(worker)
+        app.close()
+
+
+def test_a_sqlite_worker_wakes_within_milliseconds_for_another_process_s_event(
+    receiver: Receiver, tmp_path: Path
+):
+    """`serve --no-dispatcher` records, a separate `worker` sends, on one SQLite file. The worker
+    polls every 30 s here: each event must arrive long before that (PRAGMA data_version)."""
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    app = recorder(url)
+    kit = make_team(app, "sqlite-wake")
+    hook = app.service.create_webhook(principal=kit.principal(), url=receiver.url("/w"), events=["scan"])
+    key = kit.key(scopes=["events:write"]).key
+    env = child_env(url, **FAST)
+    worker = spawn_worker(env | {"JUSTSCAN_POLL_INTERVAL": "30"}, tmp_path / "worker.log")
+    try:
+        with spawn_server(env, tmp_path / "server.log", "--no-dispatcher") as server:
+            wait_for(lambda: "started" in (tmp_path / "worker.log").read_text(), what="worker up")
+            latencies = []
+            with httpx.Client(headers={"Authorization": f"Bearer {key}"}) as client:
+                for i in range(10):
+                    r = client.post(
+                        f"{server.base}/api/v1/events",
+                        json={"event": "scan", "data": {"qr_code_id": 10 + i, "scan_id": i + 1}},
+                    )
+                    # Committed before the 202: from here on it is the worker's wake-up and send.
+                    recorded = time.monotonic()
+                    assert r.status_code == 202
+                    wait_for(
+                        lambda i=i: len(receiver.at("/w")) > i, timeout=10, interval=0.001, what="delivery"
+                    )
+                    latencies.append(receiver.at("/w")[-1].at - recorded)
+        latencies.sort()
+        print(
+            "SQLite recorded -> arrival across processes (poll interval 30 s): "
+            f"p50 {latencies[5] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms"
+        )
+        assert hook.id
+    finally:
+        stop_process(worker)
+        app.close()
+
+
+def test_a_black_hole_does_not_delay_other_webhooks_across_workers(
+    pg_url: str, receiver: Receiver, tmp_path: Path
+):
+    """Two workers, 8 slots each, 150 deliveries queued for a receiver that never answers:
+    another webhook's deliveries each still arrive in less than one delivery timeout."""
+    timeout = 2.0
+    app = recorder(pg_url)
+    env = child_env(
+        pg_url,
+        **(
+            FAST
+            | {
+                "JUSTSCAN_DELIVERY_TIMEOUT": str(timeout),
+                "JUSTSCAN_MAX_IN_FLIGHT": "8",
+                "JUSTSCAN_RETRY_SCHEDULE": "60",
+            }
+        ),
+    )
+    with BlackHole() as hole:
+        dead = make_team(app, "hole")
+        app.service.create_webhook(principal=dead.principal(), url=hole.url("/void"), events=["scan"])
+        alive = make_team(app, "alive")
+        app.service.create_webhook(principal=alive.principal(), url=receiver.url("/ok"), events=["scan"])
+        for n in range(150):
+            app.service.emit_event(
+                team_id=dead.team.id, event="scan", data={"qr_code_id": 1, "scan_id": n + 1}
+            )
+        workers = [spawn_worker(env, tmp_path / f"w{i}.log") for i in range(2)]
+        try:
+            wait_for(lambda: hole.accepted >= 2, what="both workers holding sends")
+            latencies = []
+            for n in range(10):
+                start = time.monotonic()
+                app.service.emit_event(
+                    team_id=alive.team.id, event="scan", data={"qr_code_id": 2, "scan_id": n + 1}
+                )
+                wait_for(
+                    lambda n=n: len(receiver.at("/ok")) > n,
+                    timeout=30,
+                    interval=0.005,
+                    what="healthy delivery",
+                )
+                latencies.append(time.monotonic() - start)
+                if n % 3 == 2:  # spread the healthy events over the dead endpoint's timeouts
+                    seen = hole.accepted
+                    wait_for(lambda seen=seen: hole.accepted > seen, what="the black hole to take more")
+            print(f"healthy latencies beside a black hole (s): {[round(x, 3) for x in latencies]}")
+            assert max(latencies) < timeout, latencies
+        finally:
+            for w in workers:
+                stop_process(w)
+    app.close()
