@@ -96,7 +96,6 @@ class Dispatcher:
         self._per_hook: dict[int, int] = {}
         self._slow: set[int] = set()
         self._slow_open = 0
-        self._excluded: frozenset[int] = frozenset()
         # Finished attempts waiting for the writer: a list and an event, cheaper per item than a
         # queue. Two database threads of our own, not the shared pool: a claim and a save run
         # side by side, and no request handler's thread work queues behind them.
@@ -286,16 +285,22 @@ class Dispatcher:
 
     def _plan(self, free: int) -> tuple[list[int], int, list[int], int]:
         """What to claim now: (webhooks the main claim skips, its limit, the slow webhooks the
-        slow-lane claim may take, its limit). The main limit never exceeds the room left under
-        the cap of any webhook it may take from, so no claim overshoots a cap; webhooks within a
-        quarter of their cap are skipped (so the room is always at least a quarter of a cap)."""
+        slow-lane claim may take, its limit).
+
+        The main limit never exceeds the room left under the cap of any webhook the claim may
+        take from, so no claim overshoots a cap. Webhooks at their cap are skipped. So are those
+        within a quarter of it when their little room would cut a claim that other webhooks'
+        work could fill (a claim of 16 rows costs about what one of 1 row does)."""
         cap = self.settings.per_webhook_in_flight
-        near = cap - max(1, cap // 4)
-        busy = [w for w, n in self._per_hook.items() if n > near]
-        excluded = sorted({*busy, *self._slow})
-        self._excluded = frozenset(excluded)
-        fullest = max((n for w, n in self._per_hook.items() if w not in self._excluded), default=0)
-        main_limit = min(free, cap - fullest)
+        counts = {w: n for w, n in self._per_hook.items() if w not in self._slow}
+        skipped = {w for w, n in counts.items() if n >= cap} | self._slow
+        room = cap - max((n for w, n in counts.items() if w not in skipped), default=0)
+        if room < min(free, max(1, cap // 4)):
+            near = cap - max(1, cap // 4)
+            skipped |= {w for w, n in counts.items() if n > near}
+            room = cap - max((n for w, n in counts.items() if w not in skipped), default=0)
+        excluded = sorted(skipped)
+        main_limit = min(free, room)
         slow_room = min(free, self.settings.slow_lane_in_flight - self._slow_open)
         slow = sorted(self._slow) if slow_room > 0 else []
         return excluded, main_limit, slow, slow_room
@@ -381,8 +386,9 @@ class Dispatcher:
         if self._stopping:
             return
         cap = self.settings.per_webhook_in_flight
-        if slow or (hook in self._excluded and left == cap - max(1, cap // 4)):
-            # A slot of the slow lane, or room under a skipped webhook's cap, is free again.
+        if slow or left == cap - max(1, cap // 4):
+            # A slot of the slow lane is free, or a webhook just fell to where claims take from it
+            # again (a claim cut by a webhook's cap is not a backlog: this is its wake-up).
             self._wake.set()
             return
         # Under a backlog, claim again once a quarter of the slots are free: one claim of 16 rows
@@ -420,6 +426,7 @@ class Dispatcher:
                 event=job.event,
                 body=job.payload,
                 timestamp=int(time.time()),
+                attempt=job.attempt_number,
             )
             outcome = await self.sender.post(job.url, job.payload, headers)
         except Exception as exc:

@@ -104,11 +104,14 @@ class VettingResolver(AbstractResolver):
 
 
 def delivery_headers(
-    *, secrets: list[str], delivery_id: int, event: str, body: bytes, timestamp: int
+    *, secrets: list[str], delivery_id: int, event: str, body: bytes, timestamp: int, attempt: int = 1
 ) -> dict[str, str]:
-    """SPEC's headers. `secrets[0]` signs X-Webhook-Signature; all of them sign webhook-signature."""
+    """SPEC's headers. `secrets[0]` signs X-Webhook-Signature; all of them sign webhook-signature.
+    X-Webhook-Attempt (1 to 4) is ours: receivers can log it, and tell a retry from a duplicate
+    send of the same attempt (at least once: a process that dies mid-send repeats its attempt)."""
     msg_id = str(delivery_id)
     return {
+        "X-Webhook-Attempt": str(attempt),
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
         "X-Webhook-Signature": guide_signature(secrets[0], body),

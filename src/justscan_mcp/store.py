@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -80,11 +82,20 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     # Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's own would always be DEFERRED).
     dbapi_conn.isolation_level = None
     cur = dbapi_conn.cursor()
-    # WAL lets readers run beside the one writer; busy_timeout makes writers queue instead of failing.
-    cur.execute("PRAGMA journal_mode=WAL")
+    # busy_timeout makes writers queue instead of failing; WAL lets readers run beside the one
+    # writer. Switching a new file to WAL needs a moment alone with it, and SQLite answers "locked"
+    # at once (no busy handler) when another connection is opening the same new file: try again.
+    cur.execute("PRAGMA busy_timeout=30000")
+    for attempt in range(50):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.02 * (attempt + 1))
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
 
 
