@@ -120,7 +120,7 @@ def test_a_sqlite_worker_wakes_within_milliseconds_for_another_process_s_event(
     receiver: Receiver, tmp_path: Path
 ):
     """`serve --no-dispatcher` records, a separate `worker` sends, on one SQLite file. The worker
-    polls every 30 s here: each event must arrive long before that (PRAGMA data_version)."""
+    polls every 30 s here: each event must arrive long before that (the worker watches the newest delivery id)."""
     url = f"sqlite:///{tmp_path / 'shared.db'}"
     app = recorder(url)
     kit = make_team(app, "sqlite-wake")

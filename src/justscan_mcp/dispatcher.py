@@ -7,7 +7,7 @@ Shape of one process's dispatcher:
   without bound behind a dead high-volume endpoint);
 - `wake()` (thread-safe) starts a claim at once, which is how an event recorded in this process
   is on its way within milliseconds. Work recorded by other processes wakes it through LISTEN on
-  PostgreSQL and through SQLite's `PRAGMA data_version`, watched every few milliseconds;
+  PostgreSQL and, on SQLite, by a thread that looks at the newest delivery id every few ms;
 - the pump claims at most as many deliveries as there are free in-flight slots
   (`JUSTSCAN_MAX_IN_FLIGHT`), so the database lease always covers work that is really running;
 - `JUSTSCAN_MAX_IN_FLIGHT` long-lived sender coroutines take claimed deliveries from a queue and
@@ -58,7 +58,7 @@ log = logging.getLogger("justscan_mcp.dispatcher")
 
 WRITE_BATCH = 500
 STOP_SAVE_GRACE = 3.0  # seconds a stopping process keeps trying to save results into a dead database
-SQLITE_WATCH_INTERVAL = 0.005  # seconds between two looks at SQLite's data_version
+SQLITE_WATCH_INTERVAL = 0.005  # seconds between two looks at SQLite's newest delivery id
 _T = TypeVar("_T")
 
 
@@ -105,7 +105,9 @@ class Dispatcher:
         self._give_up_at = float("inf")
         self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="justscan-db")
         self._tasks: list[asyncio.Task[None]] = []
-        self._backlog = False
+        # Webhooks the last full claim took from, and webhooks over the near-cap line (see _pump).
+        self._backlog_hooks: set[int] = set()
+        self._capped: set[int] = set()
         self._scheduler: Any = None
         self._timer_at: datetime | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -232,25 +234,28 @@ class Dispatcher:
                 delay = min(delay * 2, 10.0)
 
     def _watch_sqlite(self, path: str) -> None:
-        """SQLite's cross-process wake-up: `PRAGMA data_version` changes whenever another
-        connection commits, so a commit by a `serve --no-dispatcher` process is seen within a few
-        milliseconds. A read of one header page, no lock held; the poll tick stays the fallback."""
-        last = None
+        """SQLite's cross-process wake-up: every few milliseconds, look at the newest delivery id
+        (one b-tree descent, no lock held). A delivery recorded by another process, such as a
+        `serve --no-dispatcher`, is seen within milliseconds. `PRAGMA data_version` would also
+        fire on this process's own saves and claims: each such wake cost an empty claim walking
+        the backlog. The poll tick stays the fallback."""
+        unread = object()
+        last: object = unread  # the newest id is None while the table is empty
         conn: sqlite3.Connection | None = None
         while not self._watch_stop.wait(SQLITE_WATCH_INTERVAL):
             try:
                 if conn is None:
                     conn = sqlite3.connect(path, timeout=1.0, check_same_thread=False)
-                version = conn.execute("PRAGMA data_version").fetchone()[0]
+                newest = conn.execute("SELECT max(id) FROM deliveries").fetchone()[0]
             except sqlite3.Error:
                 if conn is not None:
                     conn.close()
                 conn = None
                 self._watch_stop.wait(0.5)
                 continue
-            if last is not None and version != last:
+            if last is not unread and newest != last:
                 self.wake()
-            last = version
+            last = newest
         if conn is not None:
             conn.close()
 
@@ -329,6 +334,9 @@ class Dispatcher:
             free = self.settings.max_in_flight - self._open
             if free > 0:
                 plan = self._plan(free)
+                # What wakes the pump from _done is decided anew after this claim, from the
+                # counts then: a wake for the state before the claim would only cost an empty one.
+                held_back, self._capped, self._backlog_hooks = self._capped, set(), set()
                 try:
                     main, lane = await self._in_thread(partial(self._claim, plan))
                     delay = 0.5
@@ -348,12 +356,26 @@ class Dispatcher:
                     self._launch(job, slow=False)
                 for job in lane:
                     self._launch(job, slow=True)
-                # A full main claim cut by the free slots (not by a webhook's cap) means more
-                # work is waiting: claim again as slots free up (see _done).
-                self._backlog = plan[1] == free and len(main) == free
-                if self._backlog:
+                # A full claim means more work is likely waiting for the webhooks it came from.
+                # Claim again at once, or as slots free up (_done), but only while one of those
+                # webhooks may still be claimed from: a claim that must skip the only busy
+                # webhook would walk its whole backlog for nothing. A webhook over the near-cap
+                # line wakes the pump itself when it falls back under it.
+                full = plan[1] > 0 and len(main) == plan[1]
+                self._backlog_hooks = {j.webhook_id for j in main} if full else set()
+                near = self._near_cap()
+                self._capped = {w for w, n in self._per_hook.items() if n > near}
+                released = held_back - self._capped  # fell under the line while we claimed
+                if (self._claimable_backlog() or released) and self._open < self.settings.max_in_flight:
                     continue
             await self._wake.wait()
+
+    def _near_cap(self) -> int:
+        cap = self.settings.per_webhook_in_flight
+        return cap - max(1, cap // 4)
+
+    def _claimable_backlog(self) -> bool:
+        return any(w not in self._capped and w not in self._slow for w in self._backlog_hooks)
 
     def _launch(self, job: Claimed, *, slow: bool) -> None:
         self._open += 1
@@ -385,16 +407,18 @@ class Dispatcher:
             self._slow_open -= 1
         if self._stopping:
             return
-        cap = self.settings.per_webhook_in_flight
-        if slow or left == cap - max(1, cap // 4):
-            # A slot of the slow lane is free, or a webhook just fell to where claims take from it
-            # again (a claim cut by a webhook's cap is not a backlog: this is its wake-up).
+        if slow:
+            self._wake.set()  # a slot of the slow lane is free
+            return
+        if hook in self._capped and left <= self._near_cap():
+            # A webhook that claims had to hold back fell to where they take from it again.
+            self._capped.discard(hook)
             self._wake.set()
             return
         # Under a backlog, claim again once a quarter of the slots are free: one claim of 16 rows
         # costs about what one of 1 row does, so trickling claims would cap the send rate.
         free = self.settings.max_in_flight - self._open
-        if self._backlog and (free >= max(1, self.settings.max_in_flight // 4) or not self._open):
+        if self._claimable_backlog() and (free >= max(1, self.settings.max_in_flight // 4) or not self._open):
             self._wake.set()
 
     def _note_speed(self, webhook_id: int, outcome: SendOutcome) -> None:
