@@ -221,7 +221,7 @@ def main() -> int:
     sys.path.insert(0, str(ROOT / "src"))
     from justscan_mcp.store import normalise_url
 
-    admin = create_engine(normalise_url(base_url), isolation_level="AUTOCOMMIT")
+    admin = create_engine(normalise_url(base_url), isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"justscan_soak_{uuid.uuid4().hex[:8]}"
     with admin.connect() as c:
         c.execute(text(f'CREATE DATABASE "{name}"'))

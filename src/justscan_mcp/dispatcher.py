@@ -301,7 +301,7 @@ class Dispatcher:
         skipped = {w for w, n in counts.items() if n >= cap} | self._slow
         room = cap - max((n for w, n in counts.items() if w not in skipped), default=0)
         if room < min(free, max(1, cap // 4)):
-            near = cap - max(1, cap // 4)
+            near = self._near_cap()
             skipped |= {w for w, n in counts.items() if n > near}
             room = cap - max((n for w, n in counts.items() if w not in skipped), default=0)
         excluded = sorted(skipped)
