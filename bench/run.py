@@ -284,6 +284,26 @@ def throughput(tmp: Path, quick: bool) -> None:
 # --- 2. latency -------------------------------------------------------------------------------
 
 
+def arrival_latency(base: str, rbase: str, key: str, n: int, *, from_answer: bool) -> tuple[float, float]:
+    """Post n events one at a time (light load) and return (p50, p99) in ms from each post (or,
+    with `from_answer`, from its 202: the event is committed by then) to its arrival."""
+    httpx.post(f"{rbase}/reset")
+    stamps: dict[str, float] = {}
+    with httpx.Client(headers={"Authorization": f"Bearer {key}"}) as client:
+        for i in range(n):
+            t0 = time.time()
+            r = client.post(
+                f"{base}/api/v1/events", json={"event": "scan", "data": {"qr_code_id": 1, "scan_id": i + 1}}
+            )
+            for d in r.json()["deliveries"]:
+                stamps[str(d)] = time.time() if from_answer else t0
+            time.sleep(0.02)
+    wait(lambda: stats(rbase)["count"] >= n, 60, "arrivals")
+    arrivals = httpx.get(f"{rbase}/arrivals").json()
+    ms = [(arrivals[d] - t) * 1000 for d, t in stamps.items() if d in arrivals]
+    return pct(ms, 50), pct(ms, 99)
+
+
 def latency(tmp: Path, quick: bool) -> None:
     n = 50 if quick else 300
     with receiver(tmp) as rbase:
@@ -303,22 +323,7 @@ def latency(tmp: Path, quick: bool) -> None:
                 ):
                     base = f"http://127.0.0.1:{port}"
                     wait(lambda b=base: httpx.get(f"{b}/healthz").status_code == 200, 60, "server")
-                    httpx.post(f"{rbase}/reset")
-                    sent: dict[str, float] = {}
-                    with httpx.Client(headers={"Authorization": f"Bearer {key.key}"}) as client:
-                        for i in range(n):
-                            t0 = time.time()
-                            r = client.post(
-                                f"{base}/api/v1/events",
-                                json={"event": "scan", "data": {"qr_code_id": 1, "scan_id": i + 1}},
-                            )
-                            for d in r.json()["deliveries"]:
-                                sent[str(d)] = t0
-                            time.sleep(0.02)  # light load: one event at a time
-                    wait(lambda: stats(rbase)["count"] >= n, 60, "latency arrivals")
-                    arrivals = httpx.get(f"{rbase}/arrivals").json()
-                    ms = [(arrivals[d] - t0) * 1000 for d, t0 in sent.items() if d in arrivals]
-                    p50, p99 = pct(ms, 50), pct(ms, 99)
+                    p50, p99 = arrival_latency(base, rbase, key.key, n, from_answer=False)
                     row(
                         f"record → arrival latency, {kind}",
                         f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
@@ -363,22 +368,7 @@ def cross_process_latency(tmp: Path, quick: bool) -> None:
             base = f"http://127.0.0.1:{port}"
             wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "server")
             wait(lambda: "started" in (tmp / "wake-worker.log").read_text(), 60, "worker")
-            httpx.post(f"{rbase}/reset")
-            recorded: dict[str, float] = {}
-            with httpx.Client(headers={"Authorization": f"Bearer {key.key}"}) as client:
-                for i in range(n):
-                    r = client.post(
-                        f"{base}/api/v1/events",
-                        json={"event": "scan", "data": {"qr_code_id": 1, "scan_id": i + 1}},
-                    )
-                    t1 = time.time()  # committed before the 202
-                    for d in r.json()["deliveries"]:
-                        recorded[str(d)] = t1
-                    time.sleep(0.02)  # light load: one event at a time
-            wait(lambda: stats(rbase)["count"] >= n, 60, "arrivals")
-            arrivals = httpx.get(f"{rbase}/arrivals").json()
-            ms = [(arrivals[d] - t1) * 1000 for d, t1 in recorded.items() if d in arrivals]
-            p50, p99 = pct(ms, 50), pct(ms, 99)
+            p50, p99 = arrival_latency(base, rbase, key.key, n, from_answer=True)
             row(
                 "recorded → arrival, SQLite, separate worker process",
                 f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",

@@ -104,6 +104,18 @@ def pg_base_url() -> Iterator[str | None]:
         admin.dispose()
 
 
+@pytest.fixture(scope="module")
+def pg_url(pg_base_url: str | None) -> str:
+    """PostgreSQL only, migrated: for tests of what only a network database has (scale-out,
+    restarts, LISTEN/NOTIFY)."""
+    if pg_base_url is None:
+        missing("JUSTSCAN_TEST_DATABASE_URL", "this test runs on PostgreSQL; set it")
+    store = Store.from_url(pg_base_url)
+    store.migrate()
+    store.close()
+    return pg_base_url
+
+
 def _db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path_factory.mktemp('db') / 'justscan.db'}"

@@ -16,28 +16,17 @@ import pytest
 from sqlalchemy import text, update
 
 from justscan_mcp.app import App
-from justscan_mcp.config import Settings
 from justscan_mcp.dispatcher import Dispatcher
 from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import Webhook, utcnow
 from tests.conftest import TeamKit, make_team
 from tests.receiver import BlackHole, Receiver, Reply
+from tests.test_delivery import fast_settings, until
 
 pytestmark = pytest.mark.anyio
 
-SCHEDULE = (0.2, 0.4, 0.6)
-
-
-def settings(db_url: str, **changes) -> Settings:
-    base = dict(
-        database_url=db_url,
-        allow_private_targets=True,
-        retry_schedule=SCHEDULE,
-        delivery_timeout=1.0,
-        poll_interval=0.1,
-        lease_margin=1.0,
-    )
-    return Settings(**(base | changes))
+# The compressed schedule and the `until` wait of the delivery tests.
+settings = fast_settings
 
 
 @contextlib.asynccontextmanager
@@ -48,16 +37,6 @@ async def running(db_url: str, **changes) -> AsyncIterator[App]:
     async with app.lifespan(dispatcher=True):
         await until(lambda: app.ready, what="dispatcher ready")
         yield app
-
-
-async def until(predicate, *, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await anyio.to_thread.run_sync(predicate)
-        if value:
-            return value
-        await anyio.sleep(0.02)
-    pytest.fail(f"timed out after {timeout}s waiting for {what or predicate}")
 
 
 @pytest.fixture

@@ -13,34 +13,17 @@ import pytest
 
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
-from justscan_mcp.store import Store
 from tests.conftest import child_env, make_team, missing, spawn_server, spawn_worker, stop_process, wait_for
 from tests.receiver import BlackHole, Receiver, Reply
+from tests.test_scaleout import FAST
 
 pytestmark = pytest.mark.slow
-
-FAST = {
-    "JUSTSCAN_ALLOW_PRIVATE_TARGETS": "1",
-    "JUSTSCAN_RETRY_SCHEDULE": "0.2,0.4,0.6",
-    "JUSTSCAN_DELIVERY_TIMEOUT": "3",
-    "JUSTSCAN_LEASE_MARGIN": "1",
-}
 
 
 @pytest.fixture
 def receiver():
     with Receiver() as r:
         yield r
-
-
-@pytest.fixture(scope="module")
-def pg_url(pg_base_url: str | None) -> str:
-    if pg_base_url is None:
-        missing("JUSTSCAN_TEST_DATABASE_URL", "these faults need PostgreSQL; set it")
-    store = Store.from_url(pg_base_url)
-    store.migrate()
-    store.close()
-    return pg_base_url
 
 
 def recorder(url: str) -> App:

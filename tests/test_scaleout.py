@@ -21,12 +21,10 @@ from sqlalchemy import func, select
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import Delivery, DeliveryAttempt
-from justscan_mcp.store import Store
 from tests.conftest import (
     child_env,
     free_port,
     make_team,
-    missing,
     spawn_server,
     spawn_worker,
     stop_process,
@@ -42,16 +40,6 @@ FAST = {
     "JUSTSCAN_DELIVERY_TIMEOUT": "3",
     "JUSTSCAN_LEASE_MARGIN": "1",
 }
-
-
-@pytest.fixture(scope="module")
-def pg_url(pg_base_url: str | None) -> str:
-    if pg_base_url is None:
-        missing("JUSTSCAN_TEST_DATABASE_URL", "scale-out runs on PostgreSQL; set it")
-    store = Store.from_url(pg_base_url)
-    store.migrate()
-    store.close()
-    return pg_base_url
 
 
 @pytest.fixture
