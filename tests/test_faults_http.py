@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 
 from justscan_mcp.app import App
 from justscan_mcp.models import Event
-from tests.conftest import HttpServer, TeamKit, child_env, make_team, spawn_server
+from tests.conftest import HttpServer, TeamKit, child_env, make_team, spawn_server, wait_for
 from tests.test_dashboard import csrf_of
 from tests.test_http import ACCEPT, INIT, post_init, sse
 
@@ -215,3 +215,45 @@ def test_operator_sign_in_is_limited_per_address(db_url: str, tmp_path: Path):
         # API keys are not throttled by the operator's limit.
         kit_login = c.get("/login")
         assert kit_login.status_code == 200
+
+
+def test_the_log_stops_refreshing_once_nothing_is_open(db_url: str, tmp_path: Path):
+    """The page refreshes itself while deliveries are open. Deactivation closes them, and a test
+    delivery to the inactive webhook is sent: before, it stayed pending and the page refreshed
+    forever."""
+    from justscan_mcp.config import Settings
+    from tests.receiver import Receiver, Reply
+    from tests.test_dashboard import sign_in
+
+    maker = App.build(Settings(database_url=db_url, allow_private_targets=True))
+    env = child_env(
+        db_url,
+        JUSTSCAN_ALLOW_PRIVATE_TARGETS="1",
+        JUSTSCAN_RETRY_SCHEDULE="60,60,60",
+        JUSTSCAN_DELIVERY_TIMEOUT="3",
+    )
+    with Receiver() as receiver, spawn_server(env, tmp_path / "s.log") as server:
+        kit = make_team(maker, "live-page")
+        hook = maker.service.create_webhook(
+            principal=kit.principal(), url=receiver.url("/p"), events=["scan"]
+        )
+        receiver.secrets["/p"] = hook.secret
+        receiver.expect("/p", Reply(500))
+        (did,) = maker.service.emit_event(
+            team_id=kit.team.id, event="scan", data={"qr_code_id": 4, "scan_id": 1}
+        ).deliveries
+        wait_for(
+            lambda: maker.store.get_delivery(team_id=kit.team.id, delivery_id=did)[0].state == "retrying",
+            what="a retrying delivery",
+        )
+        c, csrf = sign_in(server, kit.rw.key)
+        assert 'data-live="1"' in c.get(f"/webhooks/{hook.id}").text
+        off = c.post(f"/webhooks/{hook.id}/active", data={"csrf": csrf, "active": "false"})
+        assert off.status_code == 200 and 'data-live="1"' not in off.text
+        tested = c.post(f"/webhooks/{hook.id}/test", data={"csrf": csrf})
+        assert tested.status_code == 200
+        assert '<span class="state state-succeeded">succeeded</span>' in tested.text
+        assert '<span class="code" data-test-status>200</span>' in tested.text
+        assert 'data-live="1"' not in c.get(f"/webhooks/{hook.id}").text
+        assert [r.headers["x-webhook-event"] for r in receiver.at("/p")] == ["scan", "test"]
+    maker.close()
