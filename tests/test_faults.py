@@ -259,6 +259,16 @@ async def test_a_test_delivery_reaches_an_inactive_webhook(db_url: str, receiver
         assert [r.verified for r in receiver.at("/check")] == [True]
 
 
+def test_deactivation_cancels_open_deliveries_but_not_a_pending_test(app: App):
+    kit = make_team(app, "cancel-not-test")
+    w = app.service.create_webhook(principal=kit.principal(), url="https://93.184.216.34/c", events=["scan"])
+    (scanned,) = emit(app, kit)
+    test = app.service.send_test(principal=kit.principal(), webhook_id=w.id)
+    app.service.update_webhook(principal=kit.principal(), webhook_id=w.id, changes={"active": False})
+    assert delivery(app, kit, scanned)[0].state == "failed"
+    assert delivery(app, kit, test)[0].state == "pending"
+
+
 async def test_redeliver_to_an_inactive_webhook_is_refused_and_stores_nothing(db_url: str, receiver):
     from justscan_mcp.errors import Conflict
 

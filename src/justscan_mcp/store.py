@@ -441,6 +441,8 @@ class Store:
                     update(Delivery)
                     .where(col(Delivery.webhook_id) == webhook_id)
                     .where(col(Delivery.state).in_(OPEN_STATES))
+                    # A test delivery goes out whatever `active` says: it is not cancelled.
+                    .where(col(Delivery.is_test).is_(False))
                     .values(
                         state="failed",
                         next_attempt_at=None,
