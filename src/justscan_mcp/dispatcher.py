@@ -52,7 +52,7 @@ from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, SendOutcome, delivery_headers
-from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, Store
+from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, NewestDeliveryProbe, Store
 
 log = logging.getLogger("justscan_mcp.dispatcher")
 
@@ -142,10 +142,10 @@ class Dispatcher:
         ]
         dsn = self.store.listen_dsn()
         self._listener = asyncio.create_task(self._listen(dsn), name="justscan-listen") if dsn else None
-        path = self.store.sqlite_path()
-        if path is not None:
+        probe = self.store.newest_delivery_probe()
+        if probe is not None:
             self._watcher = threading.Thread(
-                target=self._watch_sqlite, args=(path,), name="justscan-sqlite-watch", daemon=True
+                target=self._watch_sqlite, args=(probe,), name="justscan-sqlite-watch", daemon=True
             )
             self._watcher.start()
         self._started = True
@@ -233,31 +233,24 @@ class Dispatcher:
                 await self._pause(delay)
                 delay = min(delay * 2, 10.0)
 
-    def _watch_sqlite(self, path: str) -> None:
-        """SQLite's cross-process wake-up: every few milliseconds, look at the newest delivery id
-        (one b-tree descent, no lock held). A delivery recorded by another process, such as a
-        `serve --no-dispatcher`, is seen within milliseconds. `PRAGMA data_version` would also
-        fire on this process's own saves and claims: each such wake cost an empty claim walking
-        the backlog. The poll tick stays the fallback."""
+    def _watch_sqlite(self, probe: NewestDeliveryProbe) -> None:
+        """SQLite's cross-process wake-up: every few milliseconds, look at the newest delivery id.
+        A delivery recorded by another process, such as a `serve --no-dispatcher`, is seen within
+        milliseconds. `PRAGMA data_version` would also fire on this process's own saves and
+        claims: each such wake cost an empty claim walking the backlog. The poll tick stays the
+        fallback."""
         unread = object()
         last: object = unread  # the newest id is None while the table is empty
-        conn: sqlite3.Connection | None = None
         while not self._watch_stop.wait(SQLITE_WATCH_INTERVAL):
             try:
-                if conn is None:
-                    conn = sqlite3.connect(path, timeout=1.0, check_same_thread=False)
-                newest = conn.execute("SELECT max(id) FROM deliveries").fetchone()[0]
+                newest = probe.read()
             except sqlite3.Error:
-                if conn is not None:
-                    conn.close()
-                conn = None
                 self._watch_stop.wait(0.5)
                 continue
             if last is not unread and newest != last:
                 self.wake()
             last = newest
-        if conn is not None:
-            conn.close()
+        probe.close()
 
     async def _tick(self) -> None:
         self._wake.set()
@@ -425,7 +418,7 @@ class Dispatcher:
         """Move a webhook into the slow lane when it eats the timeout, and out when it answers
         fast again."""
         limit_ms = self.settings.delivery_timeout * 1000
-        if outcome.duration_ms >= limit_ms / 2 or (outcome.error or "").startswith("timed out"):
+        if outcome.duration_ms >= limit_ms / 2:  # a timeout takes the whole timeout
             if webhook_id not in self._slow:
                 log.info(
                     "webhook %s is slow (%d ms); its deliveries use the slow lane",

@@ -579,6 +579,12 @@ class Store:
         name = self.engine.url.database
         return None if not name or name == ":memory:" else str(Path(name).expanduser())
 
+    def newest_delivery_probe(self) -> NewestDeliveryProbe | None:
+        """SQLite only: a reader of the newest delivery id on a connection of its own, for the
+        dispatcher's cross-process wake-up. None on other backends (they have LISTEN/NOTIFY)."""
+        path = self.sqlite_path()
+        return None if path is None else NewestDeliveryProbe(path)
+
     def listen_dsn(self) -> str | None:
         """A libpq URL for a LISTEN connection (PostgreSQL only)."""
         if self.backend != "postgresql":
@@ -981,6 +987,33 @@ class Store:
         """Operator access (CLI), not scoped to a team."""
         with self.session() as s:
             return s.get(Webhook, webhook_id)
+
+
+class NewestDeliveryProbe:
+    """The newest delivery id of one SQLite file, read on a connection of its own: one index
+    descent and no transaction held, cheap enough to ask every few milliseconds from one thread.
+    A changed answer means another process recorded work."""
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._conn: sqlite3.Connection | None = None
+
+    def read(self) -> int | None:
+        """Raises: sqlite3.Error when the file cannot be read (the connection is then dropped and
+        opened again on the next read)."""
+        try:
+            if self._conn is None:
+                self._conn = sqlite3.connect(self._path, timeout=1.0, check_same_thread=False)
+            newest: int | None = self._conn.execute("SELECT max(id) FROM deliveries").fetchone()[0]
+            return newest
+        except sqlite3.Error:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 @dataclass(frozen=True)
