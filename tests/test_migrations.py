@@ -122,3 +122,29 @@ def test_db_upgrade_command_and_what_each_backend_does_without_it(empty_db: str)
         store.create_schema()
     finally:
         store.close()
+
+
+def test_revisions_are_frozen_in_time():
+    """A revision imports no live project code: renaming or changing a model type later must not
+    break the revisions that created the old schema (0001 and 0003 imported models.UTCDateTime)."""
+    import ast
+    from pathlib import Path
+
+    import justscan_mcp.migrations
+
+    versions = Path(justscan_mcp.migrations.__file__).with_name("versions")
+    sources = [*sorted(versions.glob("0*.py")), versions.parent / "script.py.mako"]
+    assert len(sources) >= 5
+    for path in sources:
+        text_ = path.read_text()
+        if path.suffix == ".mako":
+            assert "justscan_mcp" not in text_, path.name
+            continue
+        for node in ast.walk(ast.parse(text_)):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert not any(n.split(".")[0] == "justscan_mcp" for n in names), f"{path.name} imports {names}"
+        assert "justscan_mcp." not in text_, path.name

@@ -6,10 +6,21 @@ BEGIN IMMEDIATE), so processes that start together migrate one after the other.
 
 from __future__ import annotations
 
+from typing import Any
+
 from alembic import context
 from sqlmodel import SQLModel
 
-import justscan_mcp.models  # noqa: F401 - registers the tables on SQLModel.metadata
+from justscan_mcp.models import UTCDateTime  # importing models registers the tables on the metadata
+
+
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+    """Revisions are frozen in time: they must not import live model code (a renamed or changed
+    type would break every old revision), so our column types are written as plain SQLAlchemy."""
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
 
 connection = context.config.attributes["connection"]
 context.configure(
@@ -18,6 +29,7 @@ context.configure(
     render_as_batch=connection.dialect.name == "sqlite",
     transactional_ddl=True,
     compare_type=True,
+    render_item=render_item,
 )
 with context.begin_transaction():
     context.run_migrations()

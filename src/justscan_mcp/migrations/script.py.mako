@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 from alembic import op
-
-import justscan_mcp.models
 ${imports if imports else ""}
 
 revision = ${repr(up_revision)}

@@ -10,8 +10,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import justscan_mcp.models
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -30,7 +28,7 @@ def upgrade() -> None:
         "teams",
         sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
-        sa.Column("created_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("name"),
         sqlite_autoincrement=True,
@@ -44,9 +42,9 @@ def upgrade() -> None:
         sa.Column("key_hash", sa.String(length=64), nullable=False),
         sa.Column("scopes", sa.JSON(), nullable=False),
         sa.Column("mcp_enabled", sa.Boolean(), nullable=False),
-        sa.Column("created_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("revoked_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=True),
-        sa.Column("last_used_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("last_used_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["team_id"], ["teams.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("key_hash"),
@@ -61,7 +59,7 @@ def upgrade() -> None:
         sa.Column("team_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("name", sa.String(length=32), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
-        sa.Column("created_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["team_id"], ["teams.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sqlite_autoincrement=True,
@@ -75,12 +73,10 @@ def upgrade() -> None:
         sa.Column("description", sa.String(length=500), nullable=True),
         sa.Column("secret", sa.String(length=100), nullable=False),
         sa.Column("previous_secret", sa.String(length=100), nullable=True),
-        sa.Column(
-            "previous_secret_expires_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=True
-        ),
+        sa.Column("previous_secret_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("active", sa.Boolean(), nullable=False),
-        sa.Column("created_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["team_id"], ["teams.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sqlite_autoincrement=True,
@@ -98,13 +94,13 @@ def upgrade() -> None:
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("is_test", sa.Boolean(), nullable=False),
         sa.Column("attempt_count", sa.Integer(), nullable=False),
-        sa.Column("next_attempt_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("lease_owner", sa.String(length=64), nullable=True),
-        sa.Column("lease_expires_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("lease_expires_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("redelivery_of", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("note", sa.String(length=200), nullable=True),
-        sa.Column("created_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
-        sa.Column("updated_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["event_id"], ["events.id"], ondelete="CASCADE"),
         sa.ForeignKeyConstraint(["webhook_id"], ["webhooks.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
@@ -129,12 +125,12 @@ def upgrade() -> None:
         sa.Column("delivery_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
         sa.Column("number", sa.Integer(), nullable=False),
         sa.Column("worker", sa.String(length=64), nullable=True),
-        sa.Column("started_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("duration_ms", sa.Integer(), nullable=False),
         sa.Column("status_code", sa.Integer(), nullable=True),
         sa.Column("response_body", sa.Text(), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("next_retry_at", justscan_mcp.models.UTCDateTime(timezone=True), nullable=True),
+        sa.Column("next_retry_at", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(["delivery_id"], ["deliveries.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("delivery_id", "number", name="uq_delivery_attempts_number"),

@@ -13,8 +13,6 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-import justscan_mcp.models
-
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -27,8 +25,8 @@ def upgrade() -> None:
         sa.Column("token_hash", sa.String(length=64), nullable=False),
         sa.Column("key_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=True),
         sa.Column("csrf_token", sa.String(length=64), nullable=False),
-        sa.Column("created_at", justscan_mcp.models.UTCDateTime(), nullable=False),
-        sa.Column("expires_at", justscan_mcp.models.UTCDateTime(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(["key_id"], ["api_keys.id"], ondelete="CASCADE"),
         sa.PrimaryKeyConstraint("token_hash"),
     )
