@@ -6,7 +6,7 @@ BEGIN IMMEDIATE), so processes that start together migrate one after the other.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from alembic import context
 from sqlmodel import SQLModel
@@ -14,7 +14,7 @@ from sqlmodel import SQLModel
 from justscan_mcp.models import UTCDateTime  # importing models registers the tables on the metadata
 
 
-def render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     """Revisions are frozen in time: they must not import live model code (a renamed or changed
     type would break every old revision), so our column types are written as plain SQLAlchemy."""
     if type_ == "type" and isinstance(obj, UTCDateTime):

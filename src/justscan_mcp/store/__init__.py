@@ -1,0 +1,52 @@
+"""The store: the one package that touches SQLAlchemy and the database driver.
+
+`Store` is the assembly of small repositories over one `Database` connector (procrastinate's
+split of a connector and its managers is the model):
+
+- `db`: engine set-up, transactions, error translation, migrations;
+- `outbox`: the delivery hot path (record, claim, complete), its SQL together;
+- `access`: teams, API keys, dashboard sessions;
+- `webhooks`: webhooks;
+- `deliveries`: the delivery log's reads.
+
+Each repository uses only `Database`, never another repository, so each can be read alone.
+Driver errors are translated in `db` (`StoreUnavailable`, `Conflict`, `InvalidInput`), so nothing
+above this package knows the driver. Methods are synchronous and short; async front ends call
+the service through a worker thread so the event loop never waits on IO.
+"""
+
+from __future__ import annotations
+
+from justscan_mcp.store.access import LAST_USED_RESOLUTION, AccessRepository
+from justscan_mcp.store.db import Database, create_db_engine, normalise_url, redact_url
+from justscan_mcp.store.deliveries import DeliveryLog
+from justscan_mcp.store.outbox import (
+    NOTIFY_CHANNEL,
+    AttemptResult,
+    Claimed,
+    NewestDeliveryProbe,
+    Outbox,
+)
+from justscan_mcp.store.webhooks import WebhookRepository
+
+
+class Store(Outbox, AccessRepository, WebhookRepository, DeliveryLog, Database):
+    """Every repository over one database: what the service and the dispatcher are given."""
+
+
+__all__ = [
+    "LAST_USED_RESOLUTION",
+    "NOTIFY_CHANNEL",
+    "AccessRepository",
+    "AttemptResult",
+    "Claimed",
+    "Database",
+    "DeliveryLog",
+    "NewestDeliveryProbe",
+    "Outbox",
+    "Store",
+    "WebhookRepository",
+    "create_db_engine",
+    "normalise_url",
+    "redact_url",
+]

@@ -1,0 +1,339 @@
+"""The database connector: engine and pool set-up for SQLite and PostgreSQL, transactions, the
+translation of driver errors into the error tree, and the migrations hook.
+
+Every repository of the store (`outbox`, `access`, `webhooks`, `deliveries`) is a small class on
+top of `Database` and uses only what it defines here: `session()` for ORM work, `_driver()` for
+the hot path's driver SQL, and the clock and placeholder helpers. None of them uses another.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Self
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DataError, IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import InterfaceError as SAInterfaceError
+from sqlmodel import Session, select
+
+from justscan_mcp.errors import Conflict, InvalidInput, StoreUnavailable
+from justscan_mcp.migrations import HEAD
+from justscan_mcp.models import (
+    InstanceSecret,
+    UTCDateTime,
+)
+from justscan_mcp.security import generate_instance_key
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent.parent / "migrations"
+MIGRATION_LOCK = 0x6A757374  # "just": one advisory-lock key for schema changes
+
+# last_used_at is informative; writing it on every call would turn each read into a write.
+LAST_USED_RESOLUTION = timedelta(seconds=60)
+
+
+def normalise_url(url: str) -> str:
+    """Accept the plain ``postgresql://`` form and pick the psycopg 3 driver for it."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password hidden, for logs and messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+# Set by `Store.session(write=True)`: on SQLite such a transaction starts with BEGIN IMMEDIATE.
+# A deferred transaction that reads and then writes can fail at once with SQLITE_BUSY_SNAPSHOT
+# (WAL) when another writer committed in between; IMMEDIATE takes the write lock up front and
+# waits for it (busy_timeout) instead.
+_sqlite_begin: contextvars.ContextVar[str] = contextvars.ContextVar("sqlite_begin", default="BEGIN")
+
+
+def _sqlite_begin_listener(conn: Any) -> None:
+    conn.exec_driver_sql(_sqlite_begin.get())
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Let SQLAlchemy's begin event emit BEGIN itself (pysqlite's own would always be DEFERRED).
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    # busy_timeout makes writers queue instead of failing; WAL lets readers run beside the one
+    # writer. Switching a new file to WAL needs a moment alone with it, and SQLite answers "locked"
+    # at once (no busy handler) when another connection is opening the same new file: try again.
+    cur.execute("PRAGMA busy_timeout=30000")
+    for attempt in range(50):
+        try:
+            cur.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError:
+            if attempt == 49:
+                raise
+            time.sleep(0.02 * (attempt + 1))
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+# SQLite's primary result code SQLITE_ERROR: a statement that is wrong (no such table or column,
+# a syntax error). pysqlite raises it as OperationalError like a locked or unreadable file, but it
+# is a bug, not an outage: retrying it would fail the same way forever.
+_SQLITE_ERROR = 1
+
+
+def _is_programming_error(exc: BaseException | None) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF == _SQLITE_ERROR
+
+
+def _conflict(exc: BaseException | None) -> Conflict:
+    log.info("integrity error translated into a conflict: %s", str(exc).splitlines()[0] if exc else "")
+    return Conflict("request", "a concurrent change conflicted with this request; look again and retry")
+
+
+def _refused_value(exc: BaseException | None) -> InvalidInput:
+    first = str(exc).splitlines()[0] if exc else "unknown reason"
+    return InvalidInput("data", f"the database refused a value ({first})")
+
+
+def create_db_engine(url: str) -> Engine:
+    """An engine for `url`, creating the SQLite file's directory when needed."""
+    url = normalise_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin_listener)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+
+
+class Database:
+    """One engine and what every transaction shares. Methods open and close their own short
+    transaction."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        # The column type's own conversions, for the statements that bypass SQLAlchemy's binding.
+        # The dialect's own implementation: the decorator's bind_processor alone would hand
+        # SQLite's driver an aware datetime, stored in another text format than every other row.
+        utc = UTCDateTime().dialect_impl(engine.dialect)
+        bind = utc.bind_processor(engine.dialect)
+        result = utc.result_processor(engine.dialect, None)
+        self._dt_bind: Callable[[datetime | None], Any] = bind or (lambda v: v)
+        self._dt_result: Callable[[Any], datetime | None] = result or (lambda v: v)
+        self._mark = "?" if engine.dialect.name == "sqlite" else "%s"  # the driver's placeholder
+        dbapi = engine.dialect.dbapi
+        # The driver's own classes, for driver SQL that SQLAlchemy does not wrap.
+        self._driver_errors: tuple[type[BaseException], ...] = (
+            (dbapi.OperationalError, dbapi.InterfaceError) if dbapi is not None else ()
+        )
+        self._driver_integrity: tuple[type[BaseException], ...] = (
+            (dbapi.IntegrityError,) if dbapi is not None else ()
+        )
+        self._driver_data: tuple[type[BaseException], ...] = (dbapi.DataError,) if dbapi is not None else ()
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        return cls(create_db_engine(url))
+
+    @property
+    def backend(self) -> str:
+        return self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- plumbing ---------------------------------------------------------------------------
+
+    @contextmanager
+    def session(self, *, write: bool = False) -> Iterator[Session]:
+        """A session whose commit happens on clean exit. `write=True` for a transaction that
+        reads and then writes (SQLite takes the write lock at BEGIN).
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        with self._transaction(write=write), Session(self.engine, expire_on_commit=False) as session:
+            yield session
+            session.commit()
+
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[None]:
+        """What every transaction shares, ORM or driver SQL: the SQLite BEGIN mode, and the
+        translation of driver errors into the error tree. Database outages (wrapped by SQLAlchemy
+        or raised by the driver itself) become StoreUnavailable; a constraint that a concurrent
+        change broke becomes Conflict and a value the database refuses InvalidInput, so no race
+        or odd value reaches a caller as a bare 500. A wrong statement stays what it is: a bug.
+
+        Raises:
+            StoreUnavailable, Conflict, InvalidInput.
+        """
+        mode = _sqlite_begin.set("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield
+        except (OperationalError, SAInterfaceError) as exc:
+            if _is_programming_error(exc.orig):
+                raise
+            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        except IntegrityError as exc:
+            raise _conflict(exc.orig) from exc
+        except DataError as exc:
+            raise _refused_value(exc.orig) from exc
+        except self._driver_integrity as exc:
+            raise _conflict(exc) from exc
+        except self._driver_data as exc:
+            raise _refused_value(exc) from exc
+        except self._driver_errors as exc:
+            if _is_programming_error(exc):
+                raise
+            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+        finally:
+            _sqlite_begin.reset(mode)
+
+    # --- schema -----------------------------------------------------------------------------
+
+    def _alembic(self, connection: Any) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = connection
+        return cfg
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest revision (idempotent). Concurrent callers take turns:
+        PostgreSQL holds an advisory lock for the transaction, SQLite its write lock.
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        from alembic import command
+
+        token = _sqlite_begin.set("BEGIN IMMEDIATE")
+        try:
+            with self.engine.begin() as connection:
+                if self.backend == "postgresql":
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+                command.upgrade(self._alembic(connection), "head")
+        except (OperationalError, SAInterfaceError) as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        finally:
+            _sqlite_begin.reset(token)
+
+    def _stored_revision(self) -> str | None:
+        """The revision recorded in alembic_version, or None when there is none yet.
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        try:
+            with self.engine.connect() as connection:
+                return connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except (OperationalError, SAInterfaceError) as exc:
+            if isinstance(exc, OperationalError) and "alembic_version" in str(exc.orig):
+                return None  # SQLite: no such table yet
+            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        except ProgrammingError:
+            return None  # PostgreSQL: relation does not exist yet
+
+    def schema_revision(self) -> tuple[str | None, str]:
+        """(the database's revision, the newest this code knows).
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        head = ScriptDirectory.from_config(self._alembic(None)).get_current_head()
+        assert head is not None
+        try:
+            with self.engine.connect() as connection:
+                current = MigrationContext.configure(connection).get_current_revision()
+        except (OperationalError, SAInterfaceError) as exc:
+            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+        return current, head
+
+    def create_schema(self) -> None:
+        """Make the schema current: migrate SQLite (the embedded default), and on PostgreSQL
+        check that `justscan-mcp db upgrade` has been run.
+
+        Raises:
+            StoreUnavailable: unreachable, or (PostgreSQL) a schema that is not current.
+        """
+        if self._stored_revision() == HEAD:
+            return  # current: no need to load Alembic (it costs a fifth of a cold start)
+        if self.backend == "sqlite":
+            self.migrate()
+            return
+        current, head = self.schema_revision()
+        if current != head:
+            raise StoreUnavailable(
+                f"database schema is at revision {current or 'none'}, this version needs {head}: "
+                "run `justscan-mcp db upgrade`"
+            )
+
+    def ping(self) -> None:
+        """Raises: StoreUnavailable when the database does not answer."""
+        with self.session() as s:
+            s.exec(select(1)).one()
+
+    def instance_secret(self, name: str) -> str:
+        """A random value shared by every process on this database, created on first use."""
+        with self.session() as s:
+            row = s.get(InstanceSecret, name)
+            if row is not None:
+                return row.value
+        try:
+            with self.session() as s:
+                s.add(InstanceSecret(name=name, value=generate_instance_key()))
+        except Conflict:
+            pass  # another process won the race; read its value below
+        with self.session() as s:
+            row = s.get(InstanceSecret, name)
+            assert row is not None
+            return row.value
+
+    @contextmanager
+    def _driver(self, *, write: bool) -> Iterator[Any]:
+        """A DBAPI cursor in one transaction, committed on clean exit.
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        with self._transaction(write=write), self.engine.begin() as conn:
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                yield cur
+            finally:
+                cur.close()
+
+    # The f-strings in these statements only ever insert placeholders and constants (S608 below).
+
+    def _marks(self, n: int) -> str:
+        return ", ".join([self._mark] * n)
+
+    def _db_now(self, offset: str | None = None) -> str:
+        """SQL for the database's clock (plus `offset`, a placeholder for seconds), in the stored
+        format. Leases are judged by this one clock, so hosts whose clocks disagree cannot take
+        each other's work early; evaluated when the statement runs, after any lock wait."""
+        if self.backend == "postgresql":
+            return "clock_timestamp()" + (f" + make_interval(secs => {offset})" if offset else "")
+        # SQLAlchemy stores SQLite datetimes as 'YYYY-MM-DD HH:MM:SS.ffffff'; %f gives
+        # milliseconds, so pad to the same width for text comparison and read-back.
+        shift = f", '+' || {offset} || ' seconds'" if offset else ""
+        return f"(strftime('%Y-%m-%d %H:%M:%f', 'now'{shift}) || '000')"

@@ -1,0 +1,130 @@
+"""Webhooks: a team's endpoints, their secrets and their on/off switch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, update
+from sqlmodel import col, select
+
+from justscan_mcp.models import (
+    OPEN_STATES,
+    Delivery,
+    Webhook,
+)
+from justscan_mcp.store.db import Database
+
+log = logging.getLogger(__name__)
+
+
+class WebhookRepository(Database):
+    """Webhooks, scoped to a team except where the operator's view says otherwise."""
+
+    # --- webhooks ---------------------------------------------------------------------------
+
+    def add_webhook(self, webhook: Webhook) -> Webhook:
+        with self.session() as s:
+            s.add(webhook)
+            s.flush()
+        return webhook
+
+    def get_webhook(self, *, team_id: int, webhook_id: int) -> Webhook | None:
+        with self.session() as s:
+            return s.exec(
+                select(Webhook).where(Webhook.id == webhook_id).where(Webhook.team_id == team_id)
+            ).first()
+
+    def list_webhooks(self, *, team_id: int, after_id: int, limit: int) -> Sequence[Webhook]:
+        """Up to `limit` webhooks of the team with id > `after_id`, in id order (keyset pagination)."""
+        with self.session() as s:
+            return s.exec(
+                select(Webhook)
+                # A range, not `=`, for the same planner reason as in list_deliveries.
+                .where(col(Webhook.team_id) >= team_id)
+                .where(col(Webhook.team_id) <= team_id)
+                .where(col(Webhook.id) > after_id)
+                .order_by(col(Webhook.team_id), col(Webhook.id))
+                .limit(limit)
+            ).all()
+
+    def update_webhook(
+        self, *, team_id: int, webhook_id: int, now: datetime, **values: Any
+    ) -> Webhook | None:
+        """Change fields of a team's webhook. Setting `active=False` also ends every open
+        delivery of it, leased or not (state failed, with a note), in the same transaction, so an
+        inactive webhook receives nothing new. A send already in flight keeps its lease: its
+        attempt is logged when it finishes, and the delivery stays `failed`.
+
+        Raises:
+            StoreUnavailable.
+        """
+        with self.session(write=True) as s:
+            webhook = s.exec(
+                select(Webhook).where(Webhook.id == webhook_id).where(Webhook.team_id == team_id)
+            ).first()
+            if webhook is None:
+                return None
+            for name, value in values.items():
+                setattr(webhook, name, value)
+            webhook.updated_at = now
+            s.add(webhook)
+            if values.get("active") is False:
+                s.execute(
+                    update(Delivery)
+                    .where(col(Delivery.webhook_id) == webhook_id)
+                    .where(col(Delivery.state).in_(OPEN_STATES))
+                    # A test delivery goes out whatever `active` says: it is not cancelled.
+                    .where(col(Delivery.is_test).is_(False))
+                    .values(
+                        state="failed",
+                        next_attempt_at=None,
+                        note="cancelled: webhook deactivated",
+                        updated_at=now,
+                    )
+                )
+            return webhook
+
+    def rotate_secret(
+        self, *, team_id: int, webhook_id: int, secret: str, grace_until: datetime | None, now: datetime
+    ) -> bool:
+        """Make `secret` the signing secret, keeping the current one as the previous secret until
+        `grace_until` (none: dropped at once). One UPDATE whose SET reads the row as it is when
+        the update runs, so concurrent rotations each keep the secret the other just made.
+        Returns False when the webhook does not exist in the team.
+
+        Raises:
+            StoreUnavailable.
+        """
+        with self.session(write=True) as s:
+            result = s.execute(
+                update(Webhook)
+                .where(col(Webhook.id) == webhook_id)
+                .where(col(Webhook.team_id) == team_id)
+                .values(
+                    secret=secret,
+                    previous_secret=col(Webhook.secret) if grace_until is not None else None,
+                    previous_secret_expires_at=grace_until,
+                    updated_at=now,
+                )
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def delete_webhook(self, *, team_id: int, webhook_id: int) -> bool:
+        with self.session() as s:
+            result = s.execute(
+                delete(Webhook).where(col(Webhook.id) == webhook_id).where(col(Webhook.team_id) == team_id)
+            )
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def all_webhooks(self, *, limit: int) -> Sequence[Webhook]:
+        """Operator view: every team's webhooks, oldest first."""
+        with self.session() as s:
+            return s.exec(select(Webhook).order_by(col(Webhook.id)).limit(limit)).all()
+
+    def get_webhook_by_id(self, webhook_id: int) -> Webhook | None:
+        """Operator access (CLI), not scoped to a team."""
+        with self.session() as s:
+            return s.get(Webhook, webhook_id)
