@@ -194,7 +194,11 @@ async def bare_limit(hook_url: str, n: int) -> None:
             while not queue.empty():
                 i = queue.get_nowait()
                 headers = delivery_headers(
-                    secrets=[secret], delivery_id=i, event="scan", body=body, timestamp=int(time.time())
+                    signing_secrets=[secret],
+                    delivery_id=i,
+                    event="scan",
+                    body=body,
+                    timestamp=int(time.time()),
                 )
                 async with session.post(hook_url, data=body, headers=headers) as resp:
                     await resp.read()

@@ -287,3 +287,94 @@ def test_failing_deliveries_name_their_webhook_even_beyond_the_listed_webhooks(a
     assert [w.id for w in overview.webhooks] != [hook.id]
     (failing,) = overview.failing
     assert (failing.id, failing.state, failing.team_id, failing.url) == (did, "failed", kit.team.id, hook.url)
+
+
+def _statements(app: App, fn) -> int:
+    """How many SQL statements `fn()` sends to the database."""
+    from sqlalchemy import event
+
+    count = 0
+
+    def seen(*_: object) -> None:
+        nonlocal count
+        count += 1
+
+    event.listen(app.store.engine, "before_cursor_execute", seen)
+    try:
+        fn()
+    finally:
+        event.remove(app.store.engine, "before_cursor_execute", seen)
+    return count
+
+
+def _failing_hooks(app: App, kit: TeamKit, n: int) -> None:
+    for i in range(n):
+        hook = app.service.create_webhook(principal=kit.principal(), url=f"{PUBLIC_URL}/{i}", events=["scan"])
+        app.service.emit_event(team_id=kit.team.id, event="scan", data={"qr_code_id": 100 + i, "scan_id": 1})
+        app.service.update_webhook(principal=kit.principal(), webhook_id=hook.id, changes={"active": False})
+
+
+def test_admin_pages_run_a_fixed_number_of_queries_whatever_their_size(app: App, kit: TeamKit):
+    """The overview ran two queries per listed webhook (up to 400 a page); the key page one per
+    team. Both are now a fixed handful, however many rows a page shows."""
+    _failing_hooks(app, kit, 2)
+    small = _statements(app, lambda: app.service.admin_overview())
+    _failing_hooks(app, kit, 12)
+    large = _statements(app, lambda: app.service.admin_overview())
+    assert large == small, (small, large)
+    assert len(app.service.admin_overview().failing) >= 14
+    make_team(app, "keys-1")
+    few = _statements(app, lambda: app.service.admin_keys())
+    for i in range(5):
+        make_team(app, f"keys-more-{i}")
+    assert _statements(app, lambda: app.service.admin_keys()) == few
+
+
+def test_admin_lists_page_instead_of_stopping_at_a_cut(app: App, kit: TeamKit):
+    """The lists were cut at 200 rows; each now pages on its own."""
+    _failing_hooks(app, kit, 5)
+    hooks, after = [], 0
+    while True:
+        page = app.service.admin_overview(limit=2, webhooks_after=after)
+        hooks += [w.id for w in page.webhooks]
+        if page.next_webhooks is None:
+            break
+        after = page.next_webhooks
+    assert hooks == [w.id for w in app.store.all_webhooks(limit=100_000)]
+    failing, before = [], None
+    while True:
+        page = app.service.admin_overview(limit=2, failing_before=before)
+        failing += [d.id for d in page.failing]
+        if page.next_failing is None:
+            break
+        before = page.next_failing
+    assert failing == sorted(failing, reverse=True) and len(set(failing)) == len(failing) >= 5
+    teams, teams_after = [], 0
+    while True:
+        listing = app.service.admin_keys(limit=2, teams_after=teams_after)
+        teams += [t.id for t in listing.teams]
+        if listing.next_teams is None:
+            break
+        teams_after = listing.next_teams
+    assert teams == [t.id for t in app.service.list_teams()]
+
+
+def test_failing_list_walks_its_partial_index(tmp_path: Path):
+    """SQLite's plan names the index (PostgreSQL chooses by table size, so no plan is pinned)."""
+    from sqlalchemy import text
+
+    from justscan_mcp.config import Settings
+
+    local = App.build(Settings(database_url=f"sqlite:///{tmp_path / 'plan.db'}"))
+    local.prepare()
+    try:
+        with local.store.session() as s:
+            plan = s.exec(
+                text(
+                    "EXPLAIN QUERY PLAN SELECT deliveries.id FROM deliveries WHERE "
+                    "deliveries.state IN ('failed', 'retrying') ORDER BY deliveries.id DESC LIMIT 5"
+                )
+            ).all()
+    finally:
+        local.close()
+    assert "ix_deliveries_failing" in str(plan), plan

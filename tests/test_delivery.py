@@ -236,7 +236,7 @@ def test_claim_and_save_keep_times_in_the_column_format_and_read_back_rotated_se
         for c in app.store.claim_due(claim="c1", now=now, lease_seconds=30, limit=100)
         if c.delivery_id == did
     ]
-    assert job.secrets[1] == old and len(job.secrets) == 2
+    assert job.signing_secrets[1] == old and len(job.signing_secrets) == 2
     retry_at = now + timedelta(seconds=5)
     app.store.complete(
         worker="w1",

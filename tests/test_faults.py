@@ -124,9 +124,9 @@ async def test_a_row_the_database_refuses_costs_only_that_row(db_url: str, recei
         if j.delivery_id in ids
     ]
     assert len(jobs) == 4
-    from justscan_mcp.sender import SendOutcome
+    from justscan_mcp.sender import SendResult
 
-    batch = [dispatcher._result(j, SendOutcome(200, "ok", None, 3), utcnow()) for j in jobs]
+    batch = [dispatcher._result(j, SendResult(200, "ok", None, 3), utcnow()) for j in jobs]
     await dispatcher._save(batch)
     for did in ids:
         d, attempts = delivery(app, kit, did)
@@ -254,7 +254,7 @@ async def test_a_test_delivery_reaches_an_inactive_webhook(db_url: str, receiver
         w = hook(kit, receiver.url("/check"), "/check", receiver)
         app.service.update_webhook(principal=kit.principal(), webhook_id=w.id, changes={"active": False})
         receiver.expect("/check", Reply(204, body=b""))
-        outcome = await app.send_test_and_wait(principal=kit.principal(), webhook_id=w.id)
+        outcome = await app.service.test_webhook(principal=kit.principal(), webhook_id=w.id)
         assert outcome.state == "succeeded" and outcome.status_code == 204
         assert [r.verified for r in receiver.at("/check")] == [True]
 

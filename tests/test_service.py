@@ -10,6 +10,7 @@ from sqlalchemy import text
 from justscan_mcp.errors import Conflict, InvalidInput, McpDisabled, MissingScope, NotFound, Unauthenticated
 from justscan_mcp.security import hash_api_key
 from justscan_mcp.service import Service
+from justscan_mcp.service.operations import invoke
 from tests.conftest import PUBLIC_URL, TeamKit, make_team
 
 
@@ -151,18 +152,20 @@ def test_cursor_from_another_team_forged_or_stale_is_refused(kit: TeamKit, other
         later.list_webhooks(principal=kit.principal(), cursor=mine)
 
 
-def test_scopes_are_enforced_by_the_service(kit: TeamKit):
+@pytest.mark.anyio
+async def test_scopes_are_enforced_by_the_operation_gate(kit: TeamKit):
+    """Moved with the rule: the operation table's `invoke` is the one scope gate of every front end."""
     ro = kit.principal(kit.key(scopes=["webhooks:read"]))
     wo = kit.principal(kit.key(scopes=["webhooks:write"]))
     svc = kit.app.service
     with pytest.raises(MissingScope) as err:
-        svc.create_webhook(principal=ro, url=PUBLIC_URL, events=["scan"])
+        await invoke(svc, "create_webhook", principal=ro, args={"url": PUBLIC_URL, "events": ["scan"]})
     assert err.value.scope == "webhooks:write" and "webhooks:write" in err.value.message
     with pytest.raises(MissingScope, match="webhooks:read"):
-        svc.list_webhooks(principal=wo)
-    hook = svc.create_webhook(principal=wo, url=PUBLIC_URL, events=["scan"])
+        await invoke(svc, "list_webhooks", principal=wo, args={})
+    hook = await invoke(svc, "create_webhook", principal=wo, args={"url": PUBLIC_URL, "events": ["scan"]})
     with pytest.raises(MissingScope, match="webhooks:write"):
-        svc.delete_webhook(principal=ro, webhook_id=hook.id)
+        await invoke(svc, "delete_webhook", principal=ro, args={"webhook_id": hook.id})
     assert kit.webhook_count() == 1
 
 

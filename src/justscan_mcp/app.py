@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import anyio
@@ -24,7 +22,6 @@ import anyio.to_thread
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
-from justscan_mcp.models import Principal, TestOutcome
 from justscan_mcp.service import Service
 from justscan_mcp.store import Store, redact_url
 from justscan_mcp.targets import Resolver, system_resolver
@@ -69,25 +66,6 @@ class App:
     def close(self) -> None:
         self.store.close()
 
-    async def send_test_and_wait(self, *, principal: Principal, webhook_id: int) -> TestOutcome:
-        """Queue a test delivery and wait (up to the delivery timeout + 5 s) for its outcome.
-        Shared by the MCP tool and the REST route.
-
-        Raises:
-            as Service.send_test.
-        """
-        delivery_id = await anyio.to_thread.run_sync(
-            partial(self.service.send_test, principal=principal, webhook_id=webhook_id)
-        )
-        deadline = time.monotonic() + self.settings.delivery_timeout + 5
-        while True:
-            outcome = await anyio.to_thread.run_sync(
-                partial(self.service.test_outcome, principal=principal, delivery_id=delivery_id)
-            )
-            if outcome.state in ("succeeded", "failed") or time.monotonic() > deadline:
-                return outcome
-            await anyio.sleep(0.02)
-
     @property
     def ready(self) -> bool:
         """True once the database has answered and has its schema."""
@@ -118,6 +96,9 @@ class App:
                 running = dispatcher_
                 await dispatcher_.start()
                 self.service.on_recorded = dispatcher_.wake
+                # A test delivery's caller is told when its attempt is saved here (no polling).
+                dispatcher_.on_saved = self.service.test_signals.saved
+                self.service.test_signals.local_dispatcher = True
 
         try:
             async with anyio.create_task_group() as tg:
@@ -128,6 +109,7 @@ class App:
                     tg.cancel_scope.cancel()
             if running is not None:
                 self.service.on_recorded = lambda: None
+                self.service.test_signals.local_dispatcher = False
                 await running.stop()
         finally:
             self.close()

@@ -28,12 +28,10 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
-import anyio.to_thread
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
@@ -49,9 +47,12 @@ from justscan_mcp.errors import (
     MissingScope,
     NotFound,
     StoreUnavailable,
+    http_status,
 )
-from justscan_mcp.models import EVENT_NAMES, OPEN_STATES, DashboardSession, Principal
+from justscan_mcp.models import EVENT_NAMES, LIST_LIMIT_MAX, OPEN_STATES, DashboardSession, Principal
 from justscan_mcp.retry import DELIVERY_STATES
+from justscan_mcp.service.operations import BY_NAME, authorize, invoke
+from justscan_mcp.threads import in_thread
 
 HERE = Path(__file__).parent
 SESSION_COOKIE = "justscan_session"
@@ -94,11 +95,35 @@ templates.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t e
 
 
 def status_of(exc: JustScanError) -> int:
-    """The HTTP status of a refused action, as the REST API answers it."""
-    for kind, status in ((InvalidInput, 422), (MissingScope, 403), (NotFound, 404), (Conflict, 409)):
-        if isinstance(exc, kind):
-            return status
-    return 400
+    """The HTTP status of a refused action: the REST API's, from the one table."""
+    return http_status(exc)[0]
+
+
+# Errors an action shows on the page it came from (the form stays filled in); any other error
+# is an error page.
+SHOWN_ON_PAGE = (InvalidInput, MissingScope, Conflict)
+
+
+# The actions on one webhook (POST /webhooks/{id}/{action}), each with the operation it runs:
+# its scope is that operation's, from the operation table.
+WEBHOOK_ACTIONS: dict[str, str] = {
+    "edit": "update_webhook",
+    "active": "update_webhook",
+    "rotate": "rotate_secret",
+    "test": "test_webhook",
+    "delete": "delete_webhook",
+}
+
+# Every dashboard request that acts for a key, and the operation (so the scope) it runs. The
+# operation-table test walks this list; a key route missing from it fails that test.
+KEY_ROUTES: tuple[tuple[str, str, str], ...] = (
+    ("GET", "/webhooks", "list_webhooks"),
+    ("POST", "/webhooks", "create_webhook"),
+    ("GET", "/webhooks/{webhook_id}", "get_webhook"),
+    ("GET", "/webhooks/{webhook_id}/delete", "get_webhook"),
+    *(("POST", f"/webhooks/{{webhook_id}}/{action}", op) for action, op in WEBHOOK_ACTIONS.items()),
+    ("POST", "/deliveries/{delivery_id}/redeliver", "redeliver"),
+)
 
 
 @dataclass
@@ -149,8 +174,10 @@ def build_dashboard(app: App) -> list[BaseRoute]:
     """The dashboard's routes, for the HTTP server to mount at `/`."""
     service = app.service
 
-    async def call(fn: Callable[..., Any], /, **kwargs: Any) -> Any:
-        return await anyio.to_thread.run_sync(partial(fn, **kwargs))
+    async def run(operation: str, v: Visit, **args: Any) -> Any:
+        """An operation for the signed-in key, through the same gate as MCP and REST."""
+        assert v.principal is not None
+        return await invoke(service, operation, principal=v.principal, args=args)
 
     def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         notice = NOTICES.get(request.query_params.get("notice", ""))
@@ -182,8 +209,8 @@ def build_dashboard(app: App) -> list[BaseRoute]:
 
     async def visit(request: Request) -> Visit | None:
         try:
-            session, principal = await call(
-                service.dashboard_session, token=request.cookies.get(SESSION_COOKIE)
+            session, principal = await in_thread(
+                service.dashboard_session, request.cookies.get(SESSION_COOKIE)
             )
         except AuthError:
             return None
@@ -280,7 +307,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             if isinstance(data, Response):
                 return data
             try:
-                token, _ = await anyio.to_thread.run_sync(sign_in, str(data.get(field) or ""))
+                token, _ = await in_thread(sign_in, str(data.get(field) or ""))
             except AuthError as exc:
                 if throttle:
                     throttle.failed(address, time.monotonic())
@@ -302,7 +329,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             data = await form_of(request, v)
             if isinstance(data, Response):
                 return data
-            await call(service.end_dashboard_session, token=request.cookies.get(SESSION_COOKIE))
+            await in_thread(service.end_dashboard_session, request.cookies.get(SESSION_COOKIE))
         response = redirect("/login", notice="signed-out")
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
@@ -316,14 +343,14 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             if isinstance(data, Response):
                 return data
             try:
-                created = await call(
-                    service.create_webhook,
-                    principal=v.principal,
+                created = await run(
+                    "create_webhook",
+                    v,
                     url=str(data.get("url") or "").strip(),
                     events=data.get("events") or [],
-                    description=str(data.get("description") or "").strip() or None,
+                    description=str(data.get("description") or ""),
                 )
-            except (InvalidInput, MissingScope) as exc:
+            except SHOWN_ON_PAGE as exc:
                 return await webhook_list(request, v, status=status_of(exc), error=exc, form=data)
             return page(
                 request, "secret.html", 201, visit=v, webhook=created, secret=created.secret, rotated=False
@@ -340,7 +367,9 @@ def build_dashboard(app: App) -> list[BaseRoute]:
     ) -> Response:
         assert v.principal is not None
         cursor = request.query_params.get("cursor") or None
-        summaries, next_cursor = await call(service.webhook_summaries, principal=v.principal, cursor=cursor)
+        listed = await run("list_webhooks", v, cursor=cursor, limit=LIST_LIMIT_MAX)
+        summaries = await in_thread(service.with_last_delivery, listed.webhooks)
+        next_cursor = listed.next_cursor
         return page(
             request,
             "webhooks.html",
@@ -363,18 +392,12 @@ def build_dashboard(app: App) -> list[BaseRoute]:
     ) -> Response:
         assert v.principal is not None
         wid = webhook_id(request)
-        hook = await call(service.get_webhook, principal=v.principal, webhook_id=wid)
+        hook = await run("get_webhook", v, webhook_id=wid)
         state = request.query_params.get("state") or None
         event = request.query_params.get("event") or None
         cursor = request.query_params.get("cursor") or None
-        log = await call(
-            service.list_deliveries,
-            principal=v.principal,
-            webhook_id=wid,
-            state=state,
-            event=event,
-            cursor=cursor,
-            limit=50,
+        log = await run(
+            "list_deliveries", v, webhook_id=wid, state=state, event=event, cursor=cursor, limit=50
         )
         live = any(d.state in OPEN_STATES for d in log.deliveries)
         return page(
@@ -398,46 +421,71 @@ def build_dashboard(app: App) -> list[BaseRoute]:
     async def webhook_get(request: Request, v: Visit) -> Response:
         return await webhook_detail(request, v)
 
+    # --- actions on one webhook: one handler each, found by name (POST only) ------------------
+
+    async def edit(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        changes = {
+            "url": str(data.get("url") or "").strip(),
+            "events": data.get("events") or [],
+            "description": str(data.get("description") or ""),
+        }
+        await run("update_webhook", v, webhook_id=wid, **changes)
+        return redirect(f"/webhooks/{wid}", notice="updated")
+
+    async def switch(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        on = data.get("active") == "true"
+        await run("update_webhook", v, webhook_id=wid, active=on)
+        return redirect(f"/webhooks/{wid}", notice="enabled" if on else "disabled")
+
+    async def rotate(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        rotated = await run("rotate_secret", v, webhook_id=wid)
+        hook = await run("get_webhook", v, webhook_id=wid)
+        return page(
+            request, "secret.html", 200, visit=v, webhook=hook, secret=rotated.secret, rotated=rotated
+        )
+
+    async def test(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        outcome = await run("test_webhook", v, webhook_id=wid)
+        return await webhook_detail(request, v, outcome=outcome)
+
+    async def delete(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        await run("delete_webhook", v, webhook_id=wid)
+        return redirect("/webhooks", notice="deleted")
+
+    handlers: dict[str, Callable[[Request, Visit, int, dict[str, Any]], Awaitable[Response]]] = {
+        "edit": edit,
+        "active": switch,
+        "rotate": rotate,
+        "test": test,
+        "delete": delete,
+    }
+    assert handlers.keys() == WEBHOOK_ACTIONS.keys()
+
     async def webhook_action(request: Request, v: Visit) -> Response:
-        assert v.principal is not None
-        action = request.path_params["action"]
+        name = request.path_params["action"]
+        if name not in handlers:
+            raise NotFound("action", f"no such action: {name}")
         wid = webhook_id(request)
         data = await form_of(request, v)
         if isinstance(data, Response):
             return data
-        p = v.principal
         try:
-            if action == "edit":
-                changes = {
-                    "url": str(data.get("url") or "").strip(),
-                    "events": data.get("events") or [],
-                    "description": str(data.get("description") or "").strip(),
-                }
-                await call(service.update_webhook, principal=p, webhook_id=wid, changes=changes)
-                return redirect(f"/webhooks/{wid}", notice="updated")
-            if action == "active":
-                on = data.get("active") == "true"
-                await call(service.update_webhook, principal=p, webhook_id=wid, changes={"active": on})
-                return redirect(f"/webhooks/{wid}", notice="enabled" if on else "disabled")
-            if action == "rotate":
-                rotated = await call(service.rotate_secret, principal=p, webhook_id=wid)
-                hook = await call(service.get_webhook, principal=p, webhook_id=wid)
-                return page(
-                    request, "secret.html", 200, visit=v, webhook=hook, secret=rotated.secret, rotated=rotated
-                )
-            if action == "test":
-                outcome = await app.send_test_and_wait(principal=p, webhook_id=wid)
-                return await webhook_detail(request, v, outcome=outcome)
-            if action == "delete":
-                await call(service.delete_webhook, principal=p, webhook_id=wid)
-                return redirect("/webhooks", notice="deleted")
-        except (InvalidInput, MissingScope, Conflict) as exc:
-            return await webhook_detail(request, v, status=status_of(exc), error=exc)
-        raise NotFound("action", f"no such action: {action}")
+            assert v.principal is not None
+            # Refused by the operation's declared scope before anything is read or changed; the
+            # handler's `invoke` checks the same declaration again.
+            authorize(BY_NAME[WEBHOOK_ACTIONS[name]], v.principal)
+            return await handlers[name](request, v, wid, data)
+        except SHOWN_ON_PAGE as exc:
+            try:
+                return await webhook_detail(request, v, status=status_of(exc), error=exc)
+            except JustScanError:
+                # The page cannot be drawn for this key (no such webhook, no read scope): the
+                # refusal itself is still what the person must see.
+                return failure(request, v, exc)
 
     async def confirm_delete(request: Request, v: Visit) -> Response:
         assert v.principal is not None
-        hook = await call(service.get_webhook, principal=v.principal, webhook_id=webhook_id(request))
+        hook = await run("get_webhook", v, webhook_id=webhook_id(request))
         return page(request, "confirm_delete.html", visit=v, webhook=hook)
 
     async def redeliver(request: Request, v: Visit) -> Response:
@@ -448,30 +496,44 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         raw = request.path_params["delivery_id"]
         if not raw.isdigit():
             raise NotFound("delivery_id", f"delivery {raw} does not exist in this team")
-        copy = await call(service.redeliver, principal=v.principal, delivery_id=int(raw))
+        copy = await run("redeliver", v, delivery_id=int(raw))
         return redirect(f"/webhooks/{copy.webhook_id}", notice="redelivered")
 
     # --- the admin area ---------------------------------------------------------------------
 
+    def page_position(request: Request, name: str) -> int | None:
+        raw = request.query_params.get(name)
+        if raw is None or raw == "":
+            return None
+        if not raw.isdigit():
+            raise InvalidInput(name, "must be a page position from a Next link")
+        return int(raw)
+
     async def admin(request: Request, v: Visit) -> Response:
-        overview = await call(service.admin_overview)
+        overview = await in_thread(
+            service.admin_overview,
+            webhooks_after=page_position(request, "webhooks_after") or 0,
+            failing_before=page_position(request, "failing_before"),
+        )
         names = {t.id: t.name for t in overview.teams}
         return page(request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW)
 
     async def admin_keys(request: Request, v: Visit) -> Response:
-        if request.method == "POST":
-            data = await form_of(request, v)
-            if isinstance(data, Response):
-                return data
-            raw = request.path_params.get("key_id", "")
-            if not raw.isdigit():
-                raise NotFound("key", f"API key {raw} does not exist")
-            on = data.get("mcp_enabled") == "true"
-            await call(service.update_api_key, key_id=int(raw), mcp_enabled=on)
-            return redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
-        teams = await call(service.list_teams)
-        keys = {t.id: await call(service.list_api_keys, team_id=t.id) for t in teams}
-        return page(request, "admin_keys.html", visit=v, teams=teams, keys=keys)
+        listing = await in_thread(service.admin_keys, teams_after=page_position(request, "teams_after") or 0)
+        return page(
+            request, "admin_keys.html", visit=v, teams=listing.teams, keys=listing.keys, listing=listing
+        )
+
+    async def admin_key_switch(request: Request, v: Visit) -> Response:
+        data = await form_of(request, v)
+        if isinstance(data, Response):
+            return data
+        raw = request.path_params.get("key_id", "")
+        if not raw.isdigit():
+            raise NotFound("key", f"API key {raw} does not exist")
+        on = data.get("mcp_enabled") == "true"
+        await in_thread(service.update_api_key, key_id=int(raw), mcp_enabled=on)
+        return redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
 
     return [
         Route("/", home, methods=["GET"]),
@@ -495,6 +557,6 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         ),
         Route("/admin", guarded(admin, operator=True), methods=["GET"]),
         Route("/admin/keys", guarded(admin_keys, operator=True), methods=["GET"]),
-        Route("/admin/keys/{key_id}/mcp", guarded(admin_keys, operator=True), methods=["POST"]),
+        Route("/admin/keys/{key_id}/mcp", guarded(admin_key_switch, operator=True), methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
     ]

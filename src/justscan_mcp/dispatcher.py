@@ -51,7 +51,7 @@ from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import utcnow
 from justscan_mcp.retry import after_attempt
-from justscan_mcp.sender import Sender, SendOutcome, delivery_headers
+from justscan_mcp.sender import Sender, SendResult, delivery_headers
 from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, NewestDeliveryProbe, Store
 
 log = logging.getLogger("justscan_mcp.dispatcher")
@@ -101,6 +101,8 @@ class Dispatcher:
         # side by side, and no request handler's thread work queues behind them.
         self._results: list[AttemptResult] = []
         self._results_ready = asyncio.Event()
+        # Told the ids of test deliveries whose attempt was just saved (their callers wait).
+        self.on_saved: Callable[[list[int]], None] = lambda ids: None
         self._closing = False
         self._give_up_at = float("inf")
         self._db = ThreadPoolExecutor(max_workers=2, thread_name_prefix="justscan-db")
@@ -414,7 +416,7 @@ class Dispatcher:
         if self._claimable_backlog() and (free >= max(1, self.settings.max_in_flight // 4) or not self._open):
             self._wake.set()
 
-    def _note_speed(self, webhook_id: int, outcome: SendOutcome) -> None:
+    def _note_speed(self, webhook_id: int, outcome: SendResult) -> None:
         """Move a webhook into the slow lane when it eats the timeout, and out when it answers
         fast again."""
         limit_ms = self.settings.delivery_timeout * 1000
@@ -438,7 +440,7 @@ class Dispatcher:
         started = self.clock()
         try:
             headers = delivery_headers(
-                secrets=list(job.secrets),
+                signing_secrets=list(job.signing_secrets),
                 delivery_id=job.delivery_id,
                 event=job.event,
                 body=job.payload,
@@ -451,12 +453,12 @@ class Dispatcher:
             # error) is a failed attempt, logged like any other: otherwise the lease would expire
             # and the same error repeat forever without the delivery ever ending.
             log.exception("delivery %s: could not be sent", job.delivery_id)
-            outcome = SendOutcome(None, None, f"internal error: {type(exc).__name__}: {exc}"[:500], 0)
+            outcome = SendResult(None, None, f"internal error: {type(exc).__name__}: {exc}"[:500], 0)
         self._note_speed(job.webhook_id, outcome)
         self._results.append(self._result(job, outcome, started))
         self._results_ready.set()
 
-    def _result(self, job: Claimed, outcome: SendOutcome, started: datetime) -> AttemptResult:
+    def _result(self, job: Claimed, outcome: SendResult, started: datetime) -> AttemptResult:
         state = after_attempt(
             attempt_number=job.attempt_number,
             succeeded=outcome.succeeded,
@@ -502,6 +504,7 @@ class Dispatcher:
         while True:
             try:
                 await self._in_thread(partial(self._complete, batch))
+                self._saved(batch)
                 break
             except StoreUnavailable as exc:
                 # Keep the results: the leases are still ours for a while, and if this process dies
@@ -532,11 +535,17 @@ class Dispatcher:
             if r.next_attempt_at is not None:
                 self._wake_at(r.next_attempt_at)
 
+    def _saved(self, batch: list[AttemptResult]) -> None:
+        tests = [r.delivery_id for r in batch if r.single_attempt]
+        if tests:
+            self.on_saved(tests)
+
     async def _save_each(self, batch: list[AttemptResult]) -> None:
         """Save row by row; a row the database refuses becomes a failed attempt that says why."""
         for r in batch:
             try:
                 await self._in_thread(partial(self._complete, [r]))
+                self._saved([r])
                 continue
             except StoreUnavailable as exc:
                 log.warning(
@@ -563,5 +572,6 @@ class Dispatcher:
             )
             try:
                 await self._in_thread(partial(self._complete, [failed]))
+                self._saved([failed])
             except Exception:
                 log.exception("delivery %s: not even its failure could be saved", r.delivery_id)

@@ -96,3 +96,27 @@ class StoreUnavailable(JustScanError):
     """
 
     PUBLIC = "the webhook store is temporarily unavailable; try again in a moment"
+
+
+HTTP_STATUS: tuple[tuple[type[JustScanError], int, str], ...] = (
+    (InvalidInput, 422, "invalid_input"),
+    (NotFound, 404, "not_found"),
+    (Conflict, 409, "conflict"),
+    (Unauthenticated, 401, "unauthenticated"),
+    (Forbidden, 403, "forbidden"),
+    (StoreUnavailable, 503, "unavailable"),
+)
+"""The one error -> HTTP status table, for the REST API and the dashboard alike."""
+
+
+def http_status(exc: JustScanError) -> tuple[int, str]:
+    """The HTTP status and short code of an error (500 "internal" for one not in the table)."""
+    for cls, status, code in HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status, code
+    return 500, "internal"
+
+
+def public_message(exc: JustScanError) -> str:
+    """What a caller is told: never the driver's words for a database outage."""
+    return StoreUnavailable.PUBLIC if isinstance(exc, StoreUnavailable) else exc.message

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio.to_thread
 from mcp.server.auth.middleware.auth_context import auth_context_var
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
@@ -29,7 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from justscan_mcp.app import App
 from justscan_mcp.errors import McpDisabled, StoreUnavailable, Unauthenticated
 from justscan_mcp.mcp_server import build_mcp_server
-from justscan_mcp.models import Principal
+from justscan_mcp.models import Principal, UncheckedKey
+from justscan_mcp.threads import in_thread
 
 log = logging.getLogger("justscan_mcp.http")
 
@@ -102,11 +102,10 @@ class BearerKeyAuth:
                 # and let the MCP gate, which re-reads the key for every request (revoked, MCP
                 # off), answer on the stream with the reason; the SDK refuses a message for a
                 # session another key opened.
-                key_id = await anyio.to_thread.run_sync(self.service.identify_key, raw_key or None)
-                principal = Principal(key_id=key_id, team_id=0, scopes=frozenset(), mcp_enabled=False)
+                caller: Principal | UncheckedKey = await in_thread(self.service.identify_key, raw_key or None)
             else:
-                principal = await anyio.to_thread.run_sync(self.service.authenticate, raw_key or None)
-                self.service.require_mcp(principal)
+                caller = await in_thread(self.service.authenticate, raw_key or None)
+                self.service.require_mcp(caller)
         except Unauthenticated as exc:
             await _json(401, "invalid_token", exc.message, www_auth=True)(scope, receive, send)
             return
@@ -117,10 +116,9 @@ class BearerKeyAuth:
             await _json(503, "unavailable", StoreUnavailable.PUBLIC)(scope, receive, send)
             return
         # The AccessToken never carries the key itself: only its id, so nothing secret can leak from it.
-        ident = f"key-{principal.key_id}"
-        token = AccessToken(
-            token=ident, client_id=ident, scopes=sorted(principal.scopes), claims={"key_id": principal.key_id}
-        )
+        ident = f"key-{caller.key_id}"
+        scopes = sorted(caller.scopes) if isinstance(caller, Principal) else []
+        token = AccessToken(token=ident, client_id=ident, scopes=scopes, claims={"key_id": caller.key_id})
         user = AuthenticatedUser(token)
         scope["user"] = user
         scope["auth"] = AuthCredentials(token.scopes)
@@ -211,7 +209,7 @@ def build_http_app(
         if not app.ready:
             return JSONResponse({"status": "starting", "database": "unreachable"}, status_code=503)
         try:
-            await anyio.to_thread.run_sync(app.store.ping)
+            await in_thread(app.store.ping)
         except StoreUnavailable:
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ok", "database": app.store.backend})

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
+from pydantic import Field as PublicField
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -174,6 +175,8 @@ class FirstScan(SQLModel, table=True):
 # both databases can prove the claim's WHERE implies it.
 OPEN_STATES = ("pending", "retrying")
 OPEN_STATES_SQL = "state IN ('pending', 'retrying')"
+# The operator's failing list: failed or retrying, newest first. Written out for the same reason.
+FAILING_STATES_SQL = "state IN ('failed', 'retrying')"
 
 
 class Delivery(SQLModel, table=True):
@@ -194,6 +197,12 @@ class Delivery(SQLModel, table=True):
             postgresql_where=text(OPEN_STATES_SQL),
         ),
         Index("ix_deliveries_webhook_id_id", "webhook_id", "id"),
+        Index(
+            "ix_deliveries_failing",
+            "id",
+            sqlite_where=text(FAILING_STATES_SQL),
+            postgresql_where=text(FAILING_STATES_SQL),
+        ),
         {"sqlite_autoincrement": True},
     )
 
@@ -378,9 +387,23 @@ class FailingDelivery(DeliveryPublic):
 
 
 class AdminOverview(BaseModel):
+    """One page of the operator's view. `teams` are the teams named on the page; the two lists
+    page on their own (`next_webhooks`: pass as `webhooks_after`; `next_failing`: as
+    `failing_before`)."""
+
     teams: list[TeamPublic]
     webhooks: list[WebhookSummary]
     failing: list[FailingDelivery]
+    next_webhooks: int | None = None
+    next_failing: int | None = None
+
+
+class AdminKeys(BaseModel):
+    """One page of teams with their API keys; `next_teams`: pass as `teams_after`."""
+
+    teams: list[TeamPublic]
+    keys: dict[int, list[ApiKeyPublic]]
+    next_teams: int | None = None
 
 
 class EmitResult(BaseModel):
@@ -407,3 +430,28 @@ class Principal(BaseModel):
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes
+
+
+class Operator(BaseModel):
+    """The operator acting for one team (the CLI): every scope, and no API key behind it."""
+
+    team_id: int
+
+    def has(self, scope: str) -> bool:
+        return True
+
+
+Caller = Principal | Operator
+"""Whom a use case acts for; both name a team and answer `has(scope)`."""
+
+
+class UncheckedKey(BaseModel):
+    """An API key that exists, before its state (revoked, MCP switch, scopes) is checked: what
+    the HTTP layer knows of an SSE message's key, until the MCP gate reads it."""
+
+    key_id: int
+
+
+class WebhookDeleted(BaseModel):
+    deleted: bool = PublicField(description="Always true: the webhook no longer exists.")
+    webhook_id: int

@@ -10,51 +10,29 @@ list role names). The MCP switch of a key does not matter here; scopes do.
 
 from __future__ import annotations
 
+import inspect
 import logging
-from functools import partial
+import re
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-import anyio.to_thread
 from fastapi import Body, FastAPI, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
+from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from justscan_mcp import __version__
 from justscan_mcp.app import App
-from justscan_mcp.errors import (
-    Conflict,
-    Forbidden,
-    InvalidInput,
-    JustScanError,
-    NotFound,
-    StoreUnavailable,
-    Unauthenticated,
-)
-from justscan_mcp.events import EmittableEvent
-from justscan_mcp.models import (
-    DESCRIPTION_MAX_LENGTH,
-    LIST_LIMIT_DEFAULT,
-    LIST_LIMIT_MAX,
-    MAX_ID,
-    URL_MAX_LENGTH,
-    DeliveryPage,
-    DeliveryPublic,
-    EmitResult,
-    EventName,
-    Principal,
-    SecretRotated,
-    TestOutcome,
-    WebhookCreated,
-    WebhookPage,
-    WebhookPublic,
-)
-from justscan_mcp.retry import DeliveryState
-from justscan_mcp.service import DEFAULT_ROTATION_GRACE, MAX_ROTATION_GRACE, READ, WRITE
+from justscan_mcp.errors import JustScanError, MissingScope, http_status, public_message
+from justscan_mcp.inputs import EventEmit, SecretRotation, WebhookCreate, WebhookUpdate, field_type
+from justscan_mcp.models import Principal
+from justscan_mcp.service import Service
+from justscan_mcp.service.operations import OPERATIONS, Operation, invoke
+from justscan_mcp.threads import in_thread
 
-EVENTS_WRITE = "events:write"
 log = logging.getLogger("justscan_mcp.rest")
 
 
@@ -64,36 +42,17 @@ class ErrorBody(BaseModel):
     field: str | None = Field(description="The offending input, when one is to blame.")
 
 
-class _Body(BaseModel):
-    # Unknown fields are refused (a typo must not vanish) and types are not coerced.
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class WebhookCreateBody(_Body):
-    url: str = Field(min_length=1, max_length=URL_MAX_LENGTH, json_schema_extra={"format": "uri"})
-    events: list[EventName] = Field(min_length=1, max_length=4, json_schema_extra={"uniqueItems": True})
-    description: str | None = Field(default=None, max_length=DESCRIPTION_MAX_LENGTH)
-
-
-class WebhookUpdateBody(_Body):
-    url: str | None = Field(
-        default=None, min_length=1, max_length=URL_MAX_LENGTH, json_schema_extra={"format": "uri"}
-    )
-    events: list[EventName] | None = Field(
-        default=None, min_length=1, max_length=4, json_schema_extra={"uniqueItems": True}
-    )
-    description: str | None = Field(default=None, max_length=DESCRIPTION_MAX_LENGTH)
-    active: bool | None = None
-
-
-class EventBody(_Body):
-    event: EmittableEvent
-    data: dict[str, Any]
-
-
-class RotateBody(_Body):
-    grace_seconds: int = Field(default=DEFAULT_ROTATION_GRACE, ge=0, le=MAX_ROTATION_GRACE)
-
+# The request bodies under the names this API has always published in its OpenAPI document; the
+# models (and every field rule) are `justscan_mcp.inputs`'.
+BODY_NAMES: dict[type[BaseModel], str] = {
+    WebhookCreate: "WebhookCreateBody",
+    WebhookUpdate: "WebhookUpdateBody",
+    SecretRotation: "RotateBody",
+    EventEmit: "EventBody",
+}
+_BODIES: dict[type[BaseModel], type[BaseModel]] = {
+    model: type(name, (model,), {"__module__": __name__}) for model, name in BODY_NAMES.items()
+}
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody, "description": text}
@@ -108,17 +67,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (503, "The database is unreachable; try again."),
     )
 }
-
-_STATUS: list[tuple[type[JustScanError], int, str]] = [
-    (InvalidInput, 422, "invalid_input"),
-    (NotFound, 404, "not_found"),
-    (Conflict, 409, "conflict"),
-    (Unauthenticated, 401, "unauthenticated"),
-    (Forbidden, 403, "forbidden"),
-    (StoreUnavailable, 503, "unavailable"),
-]
-
-WebhookIdPath = Annotated[int, Path(ge=1, le=MAX_ID, description="The webhook's id.")]
 
 
 def error_response(status: int, code: str, message: str, field: str | None) -> JSONResponse:
@@ -153,30 +101,90 @@ BEARER = HTTPBearer(
 )
 
 
-async def _call(fn: Any, /, **kwargs: Any) -> Any:
-    return await anyio.to_thread.run_sync(partial(fn, **kwargs))
-
-
 async def _caller(
     request: Request,
     security_scopes: SecurityScopes,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
 ) -> Principal:
-    """Authenticate the bearer key and check the operation's scopes (the MCP switch does not apply)."""
+    """Authenticate the bearer key, and refuse a key without the operation's scope before its
+    body is read (the MCP switch does not apply here). The scopes come from the operation table,
+    and `invoke` checks the same declaration again."""
     service = request.app.state.justscan.service
-    principal: Principal = await _call(
-        service.authenticate, raw_key=credentials.credentials if credentials else None
+    principal: Principal = await in_thread(
+        service.authenticate, credentials.credentials if credentials else None
     )
+    route = request.scope.get("route")
     for scope in security_scopes.scopes:
-        service.require_scope(principal, scope, "this operation")
+        if not principal.has(scope):
+            raise MissingScope(scope, getattr(route, "name", None) or "this operation")
     return principal
 
 
-Reader = Annotated[Principal, Security(_caller, scopes=[READ])]
-Writer = Annotated[Principal, Security(_caller, scopes=[WRITE])]
-Emitter = Annotated[Principal, Security(_caller, scopes=[EVENTS_WRITE])]
-Limit = Annotated[int, Query(ge=1, le=LIST_LIMIT_MAX, description="Items per page, 1 to 100.")]
-Cursor = Annotated[str | None, Query(max_length=512, description="next_cursor of the previous page.")]
+_PATH_PARAM = re.compile(r"{(\w+)}")
+
+
+def _described(info: FieldInfo, source: Callable[..., Any]) -> Any:
+    """An input-model field as a FastAPI parameter: its type and constraints, from `source`
+    (Path or Query), with its description."""
+    return field_type(info, source(description=info.description))
+
+
+def _endpoint(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
+    """The route function of an operation: path parameters and the query string (or the body)
+    from its input model, the caller (with the declared scope) from the bearer key."""
+    route = op.route
+    in_path = _PATH_PARAM.findall(route.path)
+    fields = op.input.model_fields
+    params = [
+        inspect.Parameter(
+            "principal",
+            inspect.Parameter.KEYWORD_ONLY,
+            annotation=Annotated[Principal, Security(_caller, scopes=[op.scope])],
+        )
+    ]
+    params += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_described(fields[name], Path))
+        for name in in_path
+    ]
+    if route.body is not None:
+        body = _BODIES.get(route.body, route.body)
+        if route.body_required:
+            params.append(inspect.Parameter("body", inspect.Parameter.KEYWORD_ONLY, annotation=body))
+        else:
+            params.append(
+                inspect.Parameter(
+                    "body",
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=None,
+                    annotation=Annotated[body | None, Body()],
+                )
+            )
+    else:
+        params += [
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=info.default,
+                annotation=_described(info, Query),
+            )
+            for name, info in fields.items()
+            if name not in in_path
+        ]
+
+    async def endpoint(*, principal: Principal, **given: Any) -> Any:
+        body = given.pop("body", None)
+        args = {name: value for name, value in given.items() if value is not None}
+        if body is not None:
+            # Only the fields the caller sent: for a PUT, what is left out stays as it is.
+            args.update({name: getattr(body, name) for name in body.model_fields_set})
+        result = await invoke(service, op.name, principal=principal, args=args)
+        if route.status == 204:
+            return Response(status_code=204)
+        return result
+
+    endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    endpoint.__name__ = op.name
+    return endpoint
 
 
 def build_rest_api(app: App) -> FastAPI:
@@ -193,15 +201,11 @@ def build_rest_api(app: App) -> FastAPI:
         responses=ERRORS,
     )
     api.state.justscan = app
-    call = _call
 
     @api.exception_handler(JustScanError)
     async def on_error(request: Request, exc: JustScanError) -> JSONResponse:
-        for cls, status, code in _STATUS:
-            if isinstance(exc, cls):
-                message = StoreUnavailable.PUBLIC if isinstance(exc, StoreUnavailable) else exc.message
-                return error_response(status, code, message, getattr(exc, "field", None))
-        return error_response(500, "internal", "unexpected error", None)
+        status, code = http_status(exc)
+        return error_response(status, code, public_message(exc), getattr(exc, "field", None))
 
     @api.exception_handler(Exception)
     async def on_bug(request: Request, exc: Exception) -> JSONResponse:
@@ -225,107 +229,18 @@ def build_rest_api(app: App) -> FastAPI:
             field, message = "body", "is not valid JSON"
         return error_response(422, "invalid_input", f"{field}: {message}", field)
 
-    @api.get("/webhooks", response_model=WebhookPage, summary="List webhooks", tags=["webhooks"])
-    async def list_webhooks(
-        principal: Reader, cursor: Cursor = None, limit: Limit = LIST_LIMIT_DEFAULT
-    ) -> Any:
-        return await call(service.list_webhooks, principal=principal, cursor=cursor, limit=limit)
-
-    @api.post(
-        "/webhooks",
-        response_model=WebhookCreated,
-        status_code=201,
-        summary="Create a webhook",
-        tags=["webhooks"],
-    )
-    async def create_webhook(principal: Writer, body: WebhookCreateBody) -> Any:
-        return await call(
-            service.create_webhook,
-            principal=principal,
-            url=body.url,
-            events=body.events,
-            description=body.description,
+    for op in OPERATIONS:
+        route = op.route
+        api.add_api_route(
+            route.path,
+            _endpoint(op, service),
+            methods=[route.method],
+            name=op.name,
+            summary=op.title,
+            tags=[route.tag],
+            status_code=route.status,
+            response_model=None if route.status == 204 else op.output,
+            response_class=Response if route.status == 204 else JSONResponse,
         )
-
-    @api.get(
-        "/webhooks/{webhook_id}", response_model=WebhookPublic, summary="Get a webhook", tags=["webhooks"]
-    )
-    async def get_webhook(principal: Reader, webhook_id: WebhookIdPath) -> Any:
-        return await call(service.get_webhook, principal=principal, webhook_id=webhook_id)
-
-    @api.put(
-        "/webhooks/{webhook_id}", response_model=WebhookPublic, summary="Update a webhook", tags=["webhooks"]
-    )
-    async def update_webhook(principal: Writer, webhook_id: WebhookIdPath, body: WebhookUpdateBody) -> Any:
-        changes = {name: getattr(body, name) for name in body.model_fields_set}
-        return await call(service.update_webhook, principal=principal, webhook_id=webhook_id, changes=changes)
-
-    @api.delete("/webhooks/{webhook_id}", status_code=204, summary="Delete a webhook", tags=["webhooks"])
-    async def delete_webhook(principal: Writer, webhook_id: WebhookIdPath) -> Response:
-        await call(service.delete_webhook, principal=principal, webhook_id=webhook_id)
-        return Response(status_code=204)
-
-    @api.get(
-        "/webhooks/{webhook_id}/deliveries",
-        response_model=DeliveryPage,
-        summary="A webhook's delivery log",
-        tags=["deliveries"],
-    )
-    async def list_deliveries(
-        principal: Reader,
-        webhook_id: WebhookIdPath,
-        state: Annotated[DeliveryState | None, Query(description="Only deliveries in this state.")] = None,
-        cursor: Cursor = None,
-        limit: Limit = LIST_LIMIT_DEFAULT,
-    ) -> Any:
-        return await call(
-            service.list_deliveries,
-            principal=principal,
-            webhook_id=webhook_id,
-            state=state,
-            cursor=cursor,
-            limit=limit,
-        )
-
-    @api.post(
-        "/webhooks/{webhook_id}/test",
-        response_model=TestOutcome,
-        summary="Send a test delivery",
-        tags=["deliveries"],
-    )
-    async def test_webhook(principal: Writer, webhook_id: WebhookIdPath) -> Any:
-        return await app.send_test_and_wait(principal=principal, webhook_id=webhook_id)
-
-    @api.post(
-        "/webhooks/{webhook_id}/rotate-secret",
-        response_model=SecretRotated,
-        summary="Rotate the signing secret",
-        tags=["webhooks"],
-    )
-    async def rotate_secret(
-        principal: Writer, webhook_id: WebhookIdPath, body: Annotated[RotateBody | None, Body()] = None
-    ) -> Any:
-        grace = body.grace_seconds if body is not None else DEFAULT_ROTATION_GRACE
-        return await call(
-            service.rotate_secret, principal=principal, webhook_id=webhook_id, grace_seconds=grace
-        )
-
-    @api.post(
-        "/deliveries/{delivery_id}/redeliver",
-        response_model=DeliveryPublic,
-        status_code=201,
-        summary="Send a past delivery's event again",
-        tags=["deliveries"],
-    )
-    async def redeliver(
-        principal: Writer, delivery_id: Annotated[int, Path(ge=1, le=MAX_ID, description="A delivery id.")]
-    ) -> Any:
-        return await call(service.redeliver, principal=principal, delivery_id=delivery_id)
-
-    @api.post(
-        "/events", response_model=EmitResult, status_code=202, summary="Record an event", tags=["events"]
-    )
-    async def emit_event(principal: Emitter, body: EventBody) -> Any:
-        return await call(service.emit_event_as, principal=principal, event=body.event, data=body.data)
 
     return api

@@ -16,7 +16,9 @@ DELIVERY_STATES: tuple[DeliveryState, ...] = ("pending", "retrying", "succeeded"
 
 
 @dataclass(frozen=True)
-class Outcome:
+class NextStep:
+    """What the schedule decides after an attempt: the state, and when the next attempt runs."""
+
     state: DeliveryState
     next_attempt_at: datetime | None
 
@@ -28,10 +30,10 @@ def after_attempt(
     schedule: tuple[float, ...],
     now: datetime,
     single_attempt: bool = False,
-) -> Outcome:
+) -> NextStep:
     """The delivery's state after attempt `attempt_number` (1-based) ended at `now`."""
     if succeeded:
-        return Outcome("succeeded", None)
+        return NextStep("succeeded", None)
     if single_attempt or attempt_number > len(schedule):
-        return Outcome("failed", None)
-    return Outcome("retrying", now + timedelta(seconds=schedule[attempt_number - 1]))
+        return NextStep("failed", None)
+    return NextStep("retrying", now + timedelta(seconds=schedule[attempt_number - 1]))

@@ -45,7 +45,9 @@ class PrivateTargetRefused(OSError):
 
 
 @dataclass(frozen=True)
-class SendOutcome:
+class SendResult:
+    """What the receiver did with one POST: its status and body, or the error that stopped it."""
+
     status_code: int | None
     response_body: str | None
     error: str | None
@@ -104,9 +106,9 @@ class VettingResolver(AbstractResolver):
 
 
 def delivery_headers(
-    *, secrets: list[str], delivery_id: int, event: str, body: bytes, timestamp: int, attempt: int = 1
+    *, signing_secrets: list[str], delivery_id: int, event: str, body: bytes, timestamp: int, attempt: int = 1
 ) -> dict[str, str]:
-    """SPEC's headers. `secrets[0]` signs X-Webhook-Signature; all of them sign webhook-signature.
+    """SPEC's headers. `signing_secrets[0]` signs X-Webhook-Signature; all of them sign webhook-signature.
     X-Webhook-Attempt (1 to 4) is ours: receivers can log it, and tell a retry from a duplicate
     send of the same attempt (at least once: a process that dies mid-send repeats its attempt)."""
     msg_id = str(delivery_id)
@@ -114,12 +116,12 @@ def delivery_headers(
         "X-Webhook-Attempt": str(attempt),
         "Content-Type": "application/json",
         "User-Agent": USER_AGENT,
-        "X-Webhook-Signature": guide_signature(secrets[0], body),
+        "X-Webhook-Signature": guide_signature(signing_secrets[0], body),
         "X-Webhook-Event": event,
         "X-Webhook-Delivery": msg_id,
         "webhook-id": msg_id,
         "webhook-timestamp": str(timestamp),
-        "webhook-signature": standard_signatures(secrets, msg_id, timestamp, body),
+        "webhook-signature": standard_signatures(signing_secrets, msg_id, timestamp, body),
     }
 
 
@@ -163,13 +165,13 @@ class Sender:
             return None
         return f"refused: {addr} is not a public address"
 
-    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> SendOutcome:
+    async def post(self, url: str, body: bytes, headers: dict[str, str]) -> SendResult:
         """One attempt. Never raises for a receiver's behaviour: failures come back as data."""
         assert self._session is not None, "Sender.start() first"
         started = time.perf_counter()
 
-        def done(status: int | None = None, text: str | None = None, error: str | None = None) -> SendOutcome:
-            return SendOutcome(status, text, error, int((time.perf_counter() - started) * 1000))
+        def done(status: int | None = None, text: str | None = None, error: str | None = None) -> SendResult:
+            return SendResult(status, text, error, int((time.perf_counter() - started) * 1000))
 
         if refusal := self._literal_refusal(url):
             return done(error=refusal)

@@ -29,6 +29,6 @@ def standard_signature(secret: str, msg_id: str, timestamp: int, body: bytes) ->
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode("ascii")
 
 
-def standard_signatures(secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> str:
+def standard_signatures(signing_secrets: Iterable[str], msg_id: str, timestamp: int, body: bytes) -> str:
     """The `webhook-signature` header for one or more secrets (rotation)."""
-    return " ".join(standard_signature(s, msg_id, timestamp, body) for s in secrets)
+    return " ".join(standard_signature(s, msg_id, timestamp, body) for s in signing_secrets)

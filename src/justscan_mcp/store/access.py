@@ -44,9 +44,32 @@ class AccessRepository(Database):
         with self.session() as s:
             return s.get(Team, team_id)
 
-    def list_teams(self) -> Sequence[Team]:
+    def list_teams(self, *, after_id: int = 0, limit: int | None = None) -> Sequence[Team]:
+        """Teams in id order (keyset on id, after `after_id`)."""
         with self.session() as s:
-            return s.exec(select(Team).order_by(col(Team.id))).all()
+            q = select(Team).where(col(Team.id) > after_id).order_by(col(Team.id))
+            return s.exec(q.limit(limit) if limit is not None else q).all()
+
+    def teams_by_id(self, team_ids: Sequence[int]) -> dict[int, Team]:
+        """The named teams, in one query."""
+        if not team_ids:
+            return {}
+        with self.session() as s:
+            return {
+                t.id: t for t in s.exec(select(Team).where(col(Team.id).in_(list(team_ids)))).all() if t.id
+            }
+
+    def api_keys_of(self, team_ids: Sequence[int]) -> dict[int, list[ApiKey]]:
+        """The keys of several teams in one query, each team's in id order."""
+        out: dict[int, list[ApiKey]] = {tid: [] for tid in team_ids}
+        if not team_ids:
+            return out
+        with self.session() as s:
+            for key in s.exec(
+                select(ApiKey).where(col(ApiKey.team_id).in_(list(team_ids))).order_by(col(ApiKey.id))
+            ).all():
+                out[key.team_id].append(key)
+        return out
 
     def count_teams(self) -> int:
         with self.session() as s:

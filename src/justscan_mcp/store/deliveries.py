@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from sqlalchemy import text
 from sqlmodel import col, select
 
 from justscan_mcp.models import (
+    FAILING_STATES_SQL,
     Delivery,
     DeliveryAttempt,
     Webhook,
@@ -79,40 +81,52 @@ class DeliveryLog(Database):
     def last_deliveries(
         self, webhook_ids: Sequence[int]
     ) -> dict[int, tuple[Delivery, DeliveryAttempt | None]]:
-        """Each webhook's newest delivery and that delivery's latest attempt (the dashboard's
-        "last outcome" column): one indexed lookup per webhook, a page holds at most 100."""
-        out: dict[int, tuple[Delivery, DeliveryAttempt | None]] = {}
+        """Each webhook's newest delivery and that delivery's latest attempt (the "last outcome"
+        column): two queries for the whole page, each webhook's newest delivery found by one
+        descent of (webhook_id, id)."""
+        if not webhook_ids:
+            return {}
         with self.session() as s:
-            for wid in webhook_ids:
-                d = s.exec(
-                    select(Delivery)
-                    .where(col(Delivery.webhook_id) >= wid)
-                    .where(col(Delivery.webhook_id) <= wid)
-                    .order_by(col(Delivery.webhook_id).desc(), col(Delivery.id).desc())
-                    .limit(1)
-                ).first()
-                if d is None or d.id is None:
-                    continue
-                attempt = s.exec(
-                    select(DeliveryAttempt)
-                    .where(DeliveryAttempt.delivery_id == d.id)
-                    .order_by(col(DeliveryAttempt.number).desc())
-                    .limit(1)
-                ).first()
-                out[wid] = (d, attempt)
-        return out
+            # A correlated subquery per listed webhook, on both backends. The webhook filter is a
+            # range for the planner reason given in list_deliveries.
+            inner = Delivery.__table__.alias("newest")  # type: ignore[attr-defined]
+            newest = (
+                select(inner.c.id)
+                .where(inner.c.webhook_id >= col(Webhook.id))
+                .where(inner.c.webhook_id <= col(Webhook.id))
+                .order_by(inner.c.webhook_id.desc(), inner.c.id.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+            ids = [i for i in s.exec(select(newest).where(col(Webhook.id).in_(list(webhook_ids)))).all() if i]
+            if not ids:
+                return {}
+            rows = s.exec(select(Delivery).where(col(Delivery.id).in_(ids))).all()
+            latest: dict[int, DeliveryAttempt] = {}
+            for a in s.exec(
+                select(DeliveryAttempt)
+                .where(col(DeliveryAttempt.delivery_id).in_(ids))
+                .order_by(col(DeliveryAttempt.delivery_id), col(DeliveryAttempt.number))
+            ).all():
+                latest[a.delivery_id] = a
+            return {d.webhook_id: (d, latest.get(d.id or 0)) for d in rows}
 
-    def failing_deliveries(self, *, limit: int) -> list[tuple[Delivery, DeliveryAttempt | None, str]]:
-        """Operator view: failed and retrying deliveries of every team, newest first, each with
-        its latest attempt and its webhook's URL."""
+    def failing_deliveries(
+        self, *, before_id: int | None, limit: int
+    ) -> list[tuple[Delivery, DeliveryAttempt | None, str]]:
+        """Operator view: failed and retrying deliveries of every team, newest first (keyset on
+        id, below `before_id`), each with its latest attempt and its webhook's URL. The walk
+        follows the partial index `ix_deliveries_failing`; two queries for the page."""
         with self.session() as s:
-            rows = s.exec(
+            q = (
                 select(Delivery, Webhook.url)
                 .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
-                .where(col(Delivery.state).in_(("failed", "retrying")))
-                .order_by(col(Delivery.id).desc())
-                .limit(limit)
-            ).all()
+                # Literal states, so both databases can match the partial index's predicate.
+                .where(text(FAILING_STATES_SQL.replace("state", "deliveries.state")))
+            )
+            if before_id is not None:
+                q = q.where(col(Delivery.id) < before_id)
+            rows = s.exec(q.order_by(col(Delivery.id).desc()).limit(limit)).all()
             latest: dict[int, DeliveryAttempt] = {}
             ids = [d.id for d, _ in rows if d.id is not None]
             if ids:

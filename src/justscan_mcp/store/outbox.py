@@ -235,7 +235,7 @@ class Outbox(Database):
                     is_test=bool(is_test),
                     attempt_number=count + 1,
                     url=url,
-                    secrets=(secret, prev) if live_prev else (secret,),
+                    signing_secrets=(secret, prev) if live_prev else (secret,),
                     payload=payload.encode("utf-8"),
                     claim=claim,
                 )
@@ -419,7 +419,7 @@ class Claimed:
     is_test: bool
     attempt_number: int
     url: str
-    secrets: tuple[str, ...]  # the current secret first; a rotated-out one while its grace lasts
+    signing_secrets: tuple[str, ...]  # the current secret first; a rotated-out one while its grace lasts
     payload: bytes
     claim: str  # the claim's token, held in lease_owner until the result is saved
 

@@ -119,10 +119,12 @@ class WebhookRepository(Database):
             )
             return bool(result.rowcount)  # type: ignore[attr-defined]
 
-    def all_webhooks(self, *, limit: int) -> Sequence[Webhook]:
-        """Operator view: every team's webhooks, oldest first."""
+    def all_webhooks(self, *, after_id: int = 0, limit: int) -> Sequence[Webhook]:
+        """Operator view: every team's webhooks, oldest first (keyset on id, after `after_id`)."""
         with self.session() as s:
-            return s.exec(select(Webhook).order_by(col(Webhook.id)).limit(limit)).all()
+            return s.exec(
+                select(Webhook).where(col(Webhook.id) > after_id).order_by(col(Webhook.id)).limit(limit)
+            ).all()
 
     def get_webhook_by_id(self, webhook_id: int) -> Webhook | None:
         """Operator access (CLI), not scoped to a team."""

@@ -1,0 +1,59 @@
+"""The use cases of justscan-mcp: every rule of SPEC once, for every front end.
+
+Split by use case, each module small:
+
+- `validators`: every check of a caller's value (field rules live in `justscan_mcp.inputs`);
+- `access`: teams, API keys, who a key is, dashboard sessions;
+- `webhooks`: create, read, list, change, rotate, delete;
+- `events`: record an event and fan it out;
+- `deliveries`: the log, test deliveries and waiting for them, redelivery;
+- `admin`: pages that combine reads (the dashboard's list, the operator's views);
+- `operations`: the operation table and `invoke`, the one scope gate of the front ends.
+
+`Service` combines the use-case classes into the one handle front ends and the CLI get. Nothing
+here knows a transport. Methods are keyword-only; synchronous ones run in a worker thread when
+called from async code (`justscan_mcp.threads.in_thread`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+
+from justscan_mcp.config import Settings
+from justscan_mcp.inputs import DEFAULT_ROTATION_GRACE, MAX_ROTATION_GRACE
+from justscan_mcp.models import utcnow
+from justscan_mcp.service.access import DASHBOARD_SESSION_TTL, AccessUseCases
+from justscan_mcp.service.admin import AdminQueries
+from justscan_mcp.service.deliveries import DeliveryUseCases, TestSignals
+from justscan_mcp.service.events import EventUseCases
+from justscan_mcp.service.operations import EVENTS_WRITE, READ, WRITE
+from justscan_mcp.service.webhooks import WebhookUseCases
+from justscan_mcp.store import Store
+from justscan_mcp.targets import Resolver, system_resolver
+
+
+class Service(AccessUseCases, AdminQueries, WebhookUseCases, EventUseCases, DeliveryUseCases):
+    """Every use case, over one `Store`."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        resolver: Resolver = system_resolver,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        super().__init__(store, settings, resolver=resolver, clock=clock)
+        self.test_signals = TestSignals()
+
+
+__all__ = [
+    "DASHBOARD_SESSION_TTL",
+    "DEFAULT_ROTATION_GRACE",
+    "EVENTS_WRITE",
+    "MAX_ROTATION_GRACE",
+    "READ",
+    "WRITE",
+    "Service",
+]

@@ -1,0 +1,200 @@
+"""Delivery use cases: the log, test deliveries (and waiting for their outcome), redelivery."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from functools import partial
+from typing import Any
+
+import anyio
+
+from justscan_mcp.errors import InvalidInput, NotFound
+from justscan_mcp.events import TestData, envelope
+from justscan_mcp.inputs import DeliveryLogQuery, DeliveryRef, WebhookRef
+from justscan_mcp.models import (
+    LIST_LIMIT_DEFAULT,
+    LIST_LIMIT_MAX,
+    Caller,
+    DeliveryPage,
+    DeliveryPublic,
+    TestOutcome,
+)
+from justscan_mcp.service.base import UseCases, delivery_public
+from justscan_mcp.service.validators import parse, positive_id
+from justscan_mcp.threads import in_thread
+
+FINAL_STATES = ("succeeded", "failed")
+# Waiting for a test delivery that a dispatcher in another process may take: how often to look.
+POLL_INTERVAL = 0.02
+# With a dispatcher in this process its save signals the outcome; the database is still read
+# now and then, because another process's dispatcher may have taken the delivery.
+SIGNALLED_POLL_INTERVAL = 0.5
+
+
+class TestSignals:
+    """Events keyed by delivery id, set when this process's dispatcher saved a test delivery's
+    attempt. Used on the event loop only (the dispatcher calls `saved` from its writer task)."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, anyio.Event] = {}
+        self.local_dispatcher = False
+
+    def watch(self, delivery_id: int) -> anyio.Event:
+        return self._events.setdefault(delivery_id, anyio.Event())
+
+    def forget(self, delivery_id: int) -> None:
+        self._events.pop(delivery_id, None)
+
+    def saved(self, delivery_ids: Iterable[int]) -> None:
+        for delivery_id in delivery_ids:
+            event = self._events.get(delivery_id)
+            if event is not None:
+                event.set()
+
+
+class DeliveryUseCases(UseCases):
+    """A webhook's deliveries: reading the log, testing a receiver, sending an event again."""
+
+    test_signals: TestSignals
+
+    def send_test(self, *, principal: Caller, webhook_id: int) -> int:
+        """Queue one signed `test` delivery to the webhook (whatever it subscribes to); one attempt.
+
+        Raises:
+            InvalidInput, NotFound.
+        """
+        given = parse(WebhookRef, {"webhook_id": webhook_id})
+        webhook = self._own_webhook(principal.team_id, given.webhook_id)
+        assert webhook.id is not None
+        payload = envelope("test", TestData(test=True, webhook_id=webhook.id), self.clock())
+        delivery_id = self.store.record_test_delivery(webhook=webhook, payload=payload, now=self.clock())
+        self.on_recorded()
+        return delivery_id
+
+    def test_outcome(self, *, principal: Caller, delivery_id: int) -> TestOutcome:
+        """Where a test delivery stands; `state` stays pending until its attempt is logged.
+
+        Raises:
+            NotFound: (delivery_id) for an unknown or foreign delivery.
+        """
+        found = self.store.get_delivery(team_id=principal.team_id, delivery_id=delivery_id)
+        if found is None:
+            raise NotFound("delivery_id", f"delivery {delivery_id} does not exist in this team")
+        delivery, attempts = found
+        last = attempts[-1] if attempts else None
+        return TestOutcome(
+            delivery_id=delivery_id,
+            state=delivery.state,
+            status_code=last.status_code if last else None,
+            duration_ms=last.duration_ms if last else None,
+            response_body=last.response_body if last else None,
+            error=last.error if last else None,
+        )
+
+    async def test_webhook(self, *, principal: Caller, webhook_id: int) -> TestOutcome:
+        """Queue a test delivery and wait (up to the delivery timeout + 5 s) for its outcome.
+
+        A dispatcher in this process signals the save (no polling); for one elsewhere the
+        database is read every 20 ms.
+
+        Raises:
+            as send_test.
+        """
+        delivery_id = await in_thread(partial(self.send_test, principal=principal, webhook_id=webhook_id))
+        deadline = time.monotonic() + self.settings.delivery_timeout + 5
+        signals = self.test_signals
+        saved = signals.watch(delivery_id)
+        try:
+            while True:
+                outcome = await in_thread(
+                    partial(self.test_outcome, principal=principal, delivery_id=delivery_id)
+                )
+                left = deadline - time.monotonic()
+                if outcome.state in FINAL_STATES or left <= 0:
+                    return outcome
+                interval = SIGNALLED_POLL_INTERVAL if signals.local_dispatcher else POLL_INTERVAL
+                with anyio.move_on_after(min(interval, left)):
+                    await saved.wait()
+        finally:
+            signals.forget(delivery_id)
+
+    def list_deliveries(
+        self,
+        *,
+        principal: Caller,
+        webhook_id: int,
+        cursor: str | None = None,
+        limit: int = LIST_LIMIT_DEFAULT,
+        state: str | None = None,
+        event: str | None = None,
+    ) -> DeliveryPage:
+        """One page of a webhook's delivery log, newest first, each with its attempts; `state`
+        and `event` narrow it.
+
+        Raises:
+            InvalidInput (webhook_id, limit, cursor, state, event), NotFound.
+        """
+        given = parse(
+            DeliveryLogQuery,
+            {"webhook_id": webhook_id, "cursor": cursor, "limit": limit, "state": state, "event": event},
+        )
+        webhook = self._own_webhook(principal.team_id, given.webhook_id)
+        assert webhook.id is not None
+        return self._delivery_page(team_id=principal.team_id, query=given)
+
+    def delivery_log(
+        self, *, webhook_id: int, limit: int = LIST_LIMIT_MAX, state: str | None = None
+    ) -> DeliveryPage:
+        """Operator view of a webhook's log (the CLI): no key, any team.
+
+        Raises:
+            InvalidInput, NotFound.
+        """
+        wid = positive_id("webhook_id", webhook_id)
+        given = parse(DeliveryLogQuery, {"webhook_id": wid, "limit": limit, "state": state})
+        webhook = self.store.get_webhook_by_id(wid)
+        if webhook is None:
+            raise NotFound("webhook_id", f"webhook {wid} does not exist")
+        return self._delivery_page(team_id=webhook.team_id, query=given)
+
+    def _delivery_page(self, *, team_id: int, query: DeliveryLogQuery) -> DeliveryPage:
+        now = self.clock()
+        before = None
+        state, event, webhook_id, limit = query.state, query.event, query.webhook_id, query.limit
+        # A cursor is bound to its filters too: one from another filter would skip rows.
+        kind = f"deliveries:{webhook_id}" + (f":{state or ''}:{event or ''}" if state or event else "")
+        if query.cursor is not None:
+            if not query.cursor:
+                raise InvalidInput("cursor", "must be next_cursor from a previous page, or omitted")
+            before = self.cursors.decode(query.cursor, kind=kind, team_id=team_id, now=now)
+        rows = self.store.list_deliveries(
+            webhook_id=webhook_id, before_id=before, limit=limit + 1, state=state, event=event
+        )
+        page = rows[:limit]
+        next_cursor = None
+        if len(rows) > limit:
+            last = page[-1][0].id
+            assert last is not None
+            next_cursor = self.cursors.encode(kind=kind, team_id=team_id, after_id=last, now=now)
+        return DeliveryPage(deliveries=[delivery_public(d, a) for d, a in page], next_cursor=next_cursor)
+
+    def redeliver(self, *, principal: Caller, delivery_id: Any) -> DeliveryPublic:
+        """Queue a new delivery of a past delivery's event to its webhook, linked to the original
+        (`redelivery_of`). It is a normal delivery: signed anew, retried on the schedule.
+
+        Raises:
+            InvalidInput (delivery_id), NotFound, Conflict (the webhook is inactive).
+        """
+        did = parse(DeliveryRef, {"delivery_id": delivery_id}).delivery_id
+        found = self.store.get_delivery(team_id=principal.team_id, delivery_id=did)
+        if found is None:
+            raise NotFound(
+                "delivery_id", f"delivery {did} does not exist in this team; list_deliveries shows the ids"
+            )
+        # The store checks `active` in the transaction that inserts (Conflict when inactive).
+        copy = self.store.redeliver(team_id=principal.team_id, delivery_id=did, now=self.clock())
+        if copy is None:
+            raise NotFound("delivery_id", f"delivery {did} does not exist in this team")
+        self.on_recorded()
+        return delivery_public(copy, [])
