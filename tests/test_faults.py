@@ -259,6 +259,34 @@ async def test_a_test_delivery_reaches_an_inactive_webhook(db_url: str, receiver
         assert [r.verified for r in receiver.at("/check")] == [True]
 
 
+async def test_a_test_delivery_is_signalled_by_the_local_dispatcher_not_polled(
+    db_url: str, receiver: Receiver
+):
+    """test_webhook read the database every 20 ms until the attempt was saved (50 reads a second
+    per waiting caller). With the dispatcher in this process its save signals the caller."""
+    from mcp import Client
+
+    from justscan_mcp.mcp_server import build_mcp_server
+
+    async with running(db_url, delivery_timeout=5.0) as app:
+        kit = make_team(app, "test-signal")
+        w = hook(kit, receiver.url("/slow-check"), "/slow-check", receiver)
+        receiver.expect("/slow-check", Reply(204, body=b"", delay=1.0))
+        reads = 0
+        real = app.service.test_outcome
+
+        def counted(**kwargs):
+            nonlocal reads
+            reads += 1
+            return real(**kwargs)
+
+        app.service.test_outcome = counted  # type: ignore[method-assign]
+        async with Client(build_mcp_server(app, fixed_key_id=kit.rw.id)) as c:
+            result = await c.call_tool("test_webhook", {"webhook_id": w.id})
+        assert result.structured_content["state"] == "succeeded", result
+        assert reads <= 4, f"{reads} database reads while one test delivery took 1 s"
+
+
 def test_deactivation_cancels_open_deliveries_but_not_a_pending_test(app: App):
     kit = make_team(app, "cancel-not-test")
     w = app.service.create_webhook(principal=kit.principal(), url="https://93.184.216.34/c", events=["scan"])
