@@ -1,5 +1,8 @@
-"""The HTTP process: MCP over streamable HTTP (`/mcp`) and SSE (`/sse`, `/messages/`), the REST API
-(`/api/v1`), the dashboard (`/`) and `/healthz` on one port, sharing the process lifespan of `App`.
+"""The HTTP process: MCP, the REST API, the dashboard and `/healthz` on one port, one lifespan.
+
+MCP over streamable HTTP (`/mcp`) and SSE (`/sse`, `/messages/`), the REST API (`/api/v1`), the
+dashboard (`/`) and `/healthz`, sharing the process lifespan of `App`, behind the bearer-key layer
+and the body limits.
 
 Bearer keys are checked here, before the SDK sees a request, because SPEC wants two different
 answers the SDK's verifier cannot give: 401 for no, unknown or revoked keys, 403 with a reason

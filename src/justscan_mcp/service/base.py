@@ -1,5 +1,8 @@
-"""What every use case shares: the store, settings, clock, resolver and cursor codec, and the
-lookups that keep a team inside its own rows."""
+"""What every use case shares: its dependencies, and the lookups that keep a team in its own rows.
+
+The store, settings, clock, resolver and cursor codec live on `UseCases`; the conversions from
+rows to public shapes are here too.
+"""
 
 from __future__ import annotations
 

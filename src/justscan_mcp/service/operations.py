@@ -1,5 +1,4 @@
-"""The operation table: every operation a caller can run, declared once, and `invoke`, the one
-gate every front end goes through.
+"""The operation table (every operation, declared once) and `invoke`, the one gate of the front ends.
 
 An operation names its use case (a `Service` method), the scope it needs, what it takes (an input
 model from `justscan_mcp.inputs`) and what it gives back, its hints for models, and where REST

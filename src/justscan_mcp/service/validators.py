@@ -1,6 +1,8 @@
-"""Every check of a value a caller sends, in one module: the input models' `parse` (field rules
-live in `justscan_mcp.inputs`) and the few rules that are not a field of an operation (ids given
-to the operator's commands, team and key names, scopes)."""
+"""Every check of a value a caller sends, in one module.
+
+The input models' `parse` (field rules live in `justscan_mcp.inputs`), and the few rules that
+are not a field of an operation: ids given to the operator's commands, team and key names, scopes.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The database connector: engine and pool set-up for SQLite and PostgreSQL, transactions, the
-translation of driver errors into the error tree, and the migrations hook.
+"""The database connector: engines, transactions, driver-error translation, migrations.
+
+Engine and pool set-up for SQLite and PostgreSQL, transactions (SQLite BEGIN IMMEDIATE for
+writers), the translation of driver errors into the error tree, and the Alembic hook.
 
 Every repository of the store (`outbox`, `access`, `webhooks`, `deliveries`) is a small class on
 top of `Database` and uses only what it defines here: `session()` for ORM work, `_driver()` for

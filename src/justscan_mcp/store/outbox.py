@@ -1,6 +1,7 @@
-"""The outbox, the delivery hot path and nothing else: record an event with its deliveries in one
-transaction, claim due work under a lease, save attempts, and tell other processes that work is
-due (PostgreSQL NOTIFY, or the SQLite file probe).
+"""The outbox: the delivery hot path (record, claim, complete) and nothing else.
+
+Record an event with its deliveries in one transaction, claim due work under a lease, save
+attempts, and tell other processes that work is due (PostgreSQL NOTIFY, or the SQLite file probe).
 
 Its statements are here together. The claim and the save run as driver SQL: SQLAlchemy's
 per-row compile, bind and coercion work was most of a worker's database time.

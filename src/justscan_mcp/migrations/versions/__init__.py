@@ -1,0 +1,1 @@
+"""Alembic revisions, one file each, frozen in time: they import nothing from justscan_mcp."""
