@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.service import Service
 from justscan_mcp.store import Store, redact_url
 from justscan_mcp.targets import Resolver, system_resolver
+from justscan_mcp.threads import in_thread
 
 log = logging.getLogger("justscan_mcp")
 
@@ -51,7 +51,7 @@ class App:
         delay = 0.5
         while True:
             try:
-                await anyio.to_thread.run_sync(self.store.create_schema)
+                await in_thread(self.store.create_schema)
                 return
             except StoreUnavailable as exc:
                 log.warning(
@@ -89,7 +89,7 @@ class App:
             if dispatcher:
                 # Imported in a thread: aiohttp and APScheduler take ~0.2 s to import, and on the
                 # event loop that would delay the MCP client's initialize reply.
-                module = await anyio.to_thread.run_sync(importlib.import_module, "justscan_mcp.dispatcher")
+                module = await in_thread(importlib.import_module, "justscan_mcp.dispatcher")
                 dispatcher_ = module.Dispatcher(self.store, self.settings)
                 # Known to the stop path before start() runs: a stop signal during start-up
                 # then stops what was started (Dispatcher.stop tolerates a partial start).

@@ -282,6 +282,12 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             return redirect("/login")
         return redirect("/webhooks" if v.principal is not None else "/admin")
 
+    def sign_in_form(template: str) -> Callable[[Request], Awaitable[Response]]:
+        async def route(request: Request) -> Response:
+            return login_form(request, template)
+
+        return route
+
     def sign_in_route(
         template: str,
         field: str,
@@ -289,12 +295,10 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         landing: str,
         throttle: LoginThrottle | None = None,
     ) -> Callable[[Request], Awaitable[Response]]:
-        """GET shows the form; POST checks its credential (`field`) and starts a session. With a
+        """The POST of a sign-in form: check its credential (`field`) and start a session. With a
         throttle, an address with too many recent failures gets 429 before anything is checked."""
 
         async def route(request: Request) -> Response:
-            if request.method == "GET":
-                return login_form(request, template)
             address = request.client.host if request.client else "?"
             wait = throttle.wait(address, time.monotonic()) if throttle else 0
             if wait:
@@ -336,26 +340,26 @@ def build_dashboard(app: App) -> list[BaseRoute]:
 
     # --- Account → Webhooks -----------------------------------------------------------------
 
-    async def webhooks(request: Request, v: Visit) -> Response:
-        assert v.principal is not None
-        if request.method == "POST":
-            data = await form_of(request, v)
-            if isinstance(data, Response):
-                return data
-            try:
-                created = await run(
-                    "create_webhook",
-                    v,
-                    url=str(data.get("url") or "").strip(),
-                    events=data.get("events") or [],
-                    description=str(data.get("description") or ""),
-                )
-            except SHOWN_ON_PAGE as exc:
-                return await webhook_list(request, v, status=status_of(exc), error=exc, form=data)
-            return page(
-                request, "secret.html", 201, visit=v, webhook=created, secret=created.secret, rotated=False
-            )
+    async def webhooks_get(request: Request, v: Visit) -> Response:
         return await webhook_list(request, v)
+
+    async def webhook_create(request: Request, v: Visit) -> Response:
+        data = await form_of(request, v)
+        if isinstance(data, Response):
+            return data
+        try:
+            created = await run(
+                "create_webhook",
+                v,
+                url=str(data.get("url") or "").strip(),
+                events=data.get("events") or [],
+                description=str(data.get("description") or ""),
+            )
+        except SHOWN_ON_PAGE as exc:
+            return await webhook_list(request, v, status=status_of(exc), error=exc, form=data)
+        return page(
+            request, "secret.html", 201, visit=v, webhook=created, secret=created.secret, rotated=False
+        )
 
     async def webhook_list(
         request: Request,
@@ -535,25 +539,30 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         await in_thread(service.update_api_key, key_id=int(raw), mcp_enabled=on)
         return redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
 
+    # GET and POST are separate routes: a page never changes anything, and every change is a
+    # POST that carries the CSRF token.
     return [
         Route("/", home, methods=["GET"]),
+        Route("/login", sign_in_form("login.html"), methods=["GET"]),
         Route(
             "/login",
             sign_in_route("login.html", "api_key", service.sign_in_with_key, "/webhooks"),
-            methods=["GET", "POST"],
+            methods=["POST"],
         ),
         Route("/logout", logout, methods=["POST"]),
-        Route("/webhooks", guarded(webhooks, operator=False), methods=["GET", "POST"]),
+        Route("/webhooks", guarded(webhooks_get, operator=False), methods=["GET"]),
+        Route("/webhooks", guarded(webhook_create, operator=False), methods=["POST"]),
         Route("/webhooks/{webhook_id}", guarded(webhook_get, operator=False), methods=["GET"]),
         Route("/webhooks/{webhook_id}/delete", guarded(confirm_delete, operator=False), methods=["GET"]),
         Route("/webhooks/{webhook_id}/{action}", guarded(webhook_action, operator=False), methods=["POST"]),
         Route("/deliveries/{delivery_id}/redeliver", guarded(redeliver, operator=False), methods=["POST"]),
+        Route("/admin/login", sign_in_form("admin_login.html"), methods=["GET"]),
         Route(
             "/admin/login",
             sign_in_route(
                 "admin_login.html", "password", service.sign_in_operator, "/admin", LoginThrottle()
             ),
-            methods=["GET", "POST"],
+            methods=["POST"],
         ),
         Route("/admin", guarded(admin, operator=True), methods=["GET"]),
         Route("/admin/keys", guarded(admin_keys, operator=True), methods=["GET"]),
