@@ -1,9 +1,11 @@
 """The REST front end, `/api/v1`, exactly the guide's endpoints plus the parity routes.
 
-Routes unpack the request, call the service in a worker thread and let the exception handlers
-map `justscan_mcp.errors` to status codes: 422 invalid input, 401 no/unknown/revoked key, 403 a
-missing scope (named), 404 unknown or another team's id, 409 a conflict, 503 the database is
-down. The OpenAPI document is generated from the same pydantic models that validate requests,
+Every route is added in a loop from the operation table (`service.operations`): its path,
+method, status, scope and response model, with path parameters and the query string or body
+taken from the operation's input model. A route unpacks the request, calls `invoke`, and lets the
+exception handlers map `justscan_mcp.errors` through the one table (`errors.http_status`): 422
+invalid input, 401 no/unknown/revoked key, 403 a missing scope (named), 404 unknown or another
+team's id, 409 a conflict, 503 the database is down. The OpenAPI document is generated from the same pydantic models that validate requests,
 with the bearer scheme and each operation's scopes (OpenAPI 3.1 lets a non-OAuth requirement
 list role names). The MCP switch of a key does not matter here; scopes do.
 """
