@@ -74,6 +74,15 @@ def test_bad_input_names_the_field_and_stores_nothing(kit: TeamKit, change: dict
     assert kit.webhook_count() == 0
 
 
+def test_url_length_is_a_rule_of_the_input_model():
+    """Moved from test_targets with the rule: the URL's length lives in `inputs.WebhookUrl`."""
+    from justscan_mcp.inputs import WebhookCreate, parse
+
+    with pytest.raises(InvalidInput) as err:
+        parse(WebhookCreate, {"url": "https://hooks.example.test/" + "a" * 2030, "events": ["scan"]})
+    assert err.value.field == "url" and "2048" in err.value.reason
+
+
 def test_description_of_exactly_500_and_url_of_exactly_2048_are_fine(kit: TeamKit):
     base = "https://hooks.example.test/"
     created = create(kit, url=base + "a" * (2048 - len(base)), description="d" * 500)

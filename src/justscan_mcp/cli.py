@@ -337,7 +337,7 @@ def cmd_webhook_update(args: argparse.Namespace) -> None:
     if args.events is not None:
         changes["events"] = _events_arg(args.events)
     if args.description is not None:
-        changes["description"] = args.description or None
+        changes["description"] = args.description  # "" clears it (inputs.normalise_description)
     if args.active is not None:
         changes["active"] = args.active
     service = _app(args).service

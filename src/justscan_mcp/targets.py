@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from urllib.parse import SplitResult, urlsplit
 
 from justscan_mcp.errors import InvalidInput
-from justscan_mcp.models import URL_MAX_LENGTH
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Sequence[str]]
@@ -119,13 +118,11 @@ def parse_webhook_url(url: str, *, allow_private: bool) -> SplitResult:
     """Check the shape of a webhook URL (no network).
 
     Raises:
-        InvalidInput: (field ``url``) for anything but an absolute http(s) URL with a host, at most
-            2048 characters, https unless private targets are allowed.
+        InvalidInput: (field ``url``) for anything but an absolute http(s) URL with a host, https
+            unless private targets are allowed. (Its length is a field rule: `inputs.WebhookUrl`.)
     """
     if not isinstance(url, str) or not url:
         raise InvalidInput("url", "is required: an absolute https:// URL")
-    if len(url) > URL_MAX_LENGTH:
-        raise InvalidInput("url", f"is {len(url)} characters long; the limit is {URL_MAX_LENGTH}")
     if url != url.strip() or any(ord(c) < 33 or ord(c) == 127 for c in url):
         raise InvalidInput("url", "must not contain spaces or control characters")
     try:
