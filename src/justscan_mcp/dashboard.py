@@ -170,25 +170,41 @@ class LoginThrottle:
         self._seen.setdefault(address, deque()).append(now)
 
 
-def build_dashboard(app: App) -> list[BaseRoute]:
-    """The dashboard's routes, for the HTTP server to mount at `/`."""
-    service = app.service
+class Dashboard:
+    """The dashboard over one `App`: a handler per page and per action, and `routes()`.
 
-    async def run(operation: str, v: Visit, **args: Any) -> Any:
+    Pages are GET handlers that change nothing; every change is a POST handler that checks the
+    CSRF token first. Team pages and actions run operations through `invoke` (`run`), so their
+    scopes are the operation table's.
+    """
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.service = app.service
+        self.handlers: dict[str, Callable[[Request, Visit, int, dict[str, Any]], Awaitable[Response]]] = {
+            "edit": self.edit,
+            "active": self.switch,
+            "rotate": self.rotate,
+            "test": self.test,
+            "delete": self.delete,
+        }
+        assert self.handlers.keys() == WEBHOOK_ACTIONS.keys()
+
+    async def run(self, operation: str, v: Visit, **args: Any) -> Any:
         """An operation for the signed-in key, through the same gate as MCP and REST."""
         assert v.principal is not None
-        return await invoke(service, operation, principal=v.principal, args=args)
+        return await invoke(self.service, operation, principal=v.principal, args=args)
 
-    def page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    def page(self, request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
         notice = NOTICES.get(request.query_params.get("notice", ""))
         html = templates.get_template(name).render(request=request, notice=notice, **context)
         return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
 
-    def redirect(path: str, **query: Any) -> RedirectResponse:
+    def redirect(self, path: str, **query: Any) -> RedirectResponse:
         q = {k: v for k, v in query.items() if v not in (None, "")}
         return RedirectResponse(path + (f"?{urlencode(q)}" if q else ""), status_code=303)
 
-    def cross_origin(request: Request) -> bool:
+    def cross_origin(self, request: Request) -> bool:
         # Defence in depth behind the token: a browser names the page's origin on a POST. An
         # opaque "null" origin (privacy settings, sandboxed frames) is left to the token, which
         # such a page cannot have.
@@ -197,7 +213,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             return False
         return urlsplit(origin).netloc != request.headers.get("host", "")
 
-    def set_session(response: Response, request: Request, token: str) -> None:
+    def set_session(self, response: Response, request: Request, token: str) -> None:
         response.set_cookie(
             SESSION_COOKIE,
             token,
@@ -207,23 +223,23 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             path="/",
         )
 
-    async def visit(request: Request) -> Visit | None:
+    async def visit(self, request: Request) -> Visit | None:
         try:
             session, principal = await in_thread(
-                service.dashboard_session, request.cookies.get(SESSION_COOKIE)
+                self.service.dashboard_session, request.cookies.get(SESSION_COOKIE)
             )
         except AuthError:
             return None
         return Visit(session, principal)
 
-    async def form_of(request: Request, v: Visit | None) -> dict[str, Any] | Response:
+    async def form_of(self, request: Request, v: Visit | None) -> dict[str, Any] | Response:
         """The POSTed form, after the CSRF and Origin checks."""
         form = await request.form()
         data = {k: form.getlist(k) if k == "events" else form.get(k) for k in form}
         expected = v.session.csrf_token if v else request.cookies.get(LOGIN_CSRF_COOKIE, "")
         given = str(data.get("csrf") or "")
-        if cross_origin(request) or not expected or not hmac.compare_digest(given, expected):
-            return page(
+        if self.cross_origin(request) or not expected or not hmac.compare_digest(given, expected):
+            return self.page(
                 request,
                 "error.html",
                 403,
@@ -233,15 +249,15 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             )
         return data
 
-    def failure(request: Request, v: Visit | None, exc: JustScanError) -> HTMLResponse:
+    def failure(self, request: Request, v: Visit | None, exc: JustScanError) -> HTMLResponse:
         if isinstance(exc, StoreUnavailable):
-            return page(request, "error.html", 503, visit=v, title="Unavailable", message=exc.PUBLIC)
-        return page(
+            return self.page(request, "error.html", 503, visit=v, title="Unavailable", message=exc.PUBLIC)
+        return self.page(
             request, "error.html", status_of(exc), visit=v, title="That did not work", message=exc.message
         )
 
     def guarded(
-        handler: Callable[[Request, Visit], Awaitable[Response]], *, operator: bool
+        self, handler: Callable[[Request, Visit], Awaitable[Response]], *, operator: bool
     ) -> Callable[[Request], Awaitable[Response]]:
         """A page for a key session (team pages) or for the operator (admin pages); anyone else
         is sent to the matching sign-in, and service errors become an error page."""
@@ -249,18 +265,18 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         async def wrapped(request: Request) -> Response:
             v = None
             try:
-                v = await visit(request)
+                v = await self.visit(request)
                 if v is None:
-                    return redirect("/admin/login" if operator else "/login")
+                    return self.redirect("/admin/login" if operator else "/login")
                 if (v.principal is None) != operator:
-                    return redirect("/admin/login" if operator else "/admin")
+                    return self.redirect("/admin/login" if operator else "/admin")
                 return await handler(request, v)
             except JustScanError as exc:  # the session lookup too: an outage is a 503 page
-                return failure(request, v, exc)
+                return self.failure(request, v, exc)
 
         return wrapped
 
-    def webhook_id(request: Request) -> int:
+    def webhook_id(self, request: Request) -> int:
         raw = request.path_params["webhook_id"]
         if not raw.isdigit():
             raise NotFound("webhook_id", f"webhook {raw} does not exist in this team")
@@ -268,27 +284,30 @@ def build_dashboard(app: App) -> list[BaseRoute]:
 
     # --- signing in and out -----------------------------------------------------------------
 
-    def login_form(request: Request, template: str, status: int = 200, error: str | None = None) -> Response:
+    def login_form(
+        self, request: Request, template: str, status: int = 200, error: str | None = None
+    ) -> Response:
         token = secrets.token_urlsafe(32)
-        response = page(request, template, status, visit=None, csrf=token, error=error)
+        response = self.page(request, template, status, visit=None, csrf=token, error=error)
         response.set_cookie(
             LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
         return response
 
-    async def home(request: Request) -> Response:
-        v = await visit(request)
+    async def home(self, request: Request) -> Response:
+        v = await self.visit(request)
         if v is None:
-            return redirect("/login")
-        return redirect("/webhooks" if v.principal is not None else "/admin")
+            return self.redirect("/login")
+        return self.redirect("/webhooks" if v.principal is not None else "/admin")
 
-    def sign_in_form(template: str) -> Callable[[Request], Awaitable[Response]]:
+    def sign_in_form(self, template: str) -> Callable[[Request], Awaitable[Response]]:
         async def route(request: Request) -> Response:
-            return login_form(request, template)
+            return self.login_form(request, template)
 
         return route
 
     def sign_in_route(
+        self,
         template: str,
         field: str,
         sign_in: Callable[[str], tuple[str, Any]],
@@ -302,12 +321,12 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             address = request.client.host if request.client else "?"
             wait = throttle.wait(address, time.monotonic()) if throttle else 0
             if wait:
-                response = login_form(
+                response = self.login_form(
                     request, template, 429, error=f"too many failed sign-ins; try again in {wait} s"
                 )
                 response.headers["Retry-After"] = str(wait)
                 return response
-            data = await form_of(request, None)
+            data = await self.form_of(request, None)
             if isinstance(data, Response):
                 return data
             try:
@@ -315,40 +334,40 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             except AuthError as exc:
                 if throttle:
                     throttle.failed(address, time.monotonic())
-                return login_form(request, template, 401, error=exc.message)
+                return self.login_form(request, template, 401, error=exc.message)
             except StoreUnavailable as exc:
-                return login_form(request, template, 503, error=exc.PUBLIC)
+                return self.login_form(request, template, 503, error=exc.PUBLIC)
             if throttle:
                 throttle.succeeded(address)
-            response = redirect(landing)
-            set_session(response, request, token)
+            response = self.redirect(landing)
+            self.set_session(response, request, token)
             response.delete_cookie(LOGIN_CSRF_COOKIE)
             return response
 
         return route
 
-    async def logout(request: Request) -> Response:
-        v = await visit(request)
+    async def logout(self, request: Request) -> Response:
+        v = await self.visit(request)
         if v is not None:
-            data = await form_of(request, v)
+            data = await self.form_of(request, v)
             if isinstance(data, Response):
                 return data
-            await in_thread(service.end_dashboard_session, request.cookies.get(SESSION_COOKIE))
-        response = redirect("/login", notice="signed-out")
+            await in_thread(self.service.end_dashboard_session, request.cookies.get(SESSION_COOKIE))
+        response = self.redirect("/login", notice="signed-out")
         response.delete_cookie(SESSION_COOKIE, path="/")
         return response
 
     # --- Account → Webhooks -----------------------------------------------------------------
 
-    async def webhooks_get(request: Request, v: Visit) -> Response:
-        return await webhook_list(request, v)
+    async def webhooks_get(self, request: Request, v: Visit) -> Response:
+        return await self.webhook_list(request, v)
 
-    async def webhook_create(request: Request, v: Visit) -> Response:
-        data = await form_of(request, v)
+    async def webhook_create(self, request: Request, v: Visit) -> Response:
+        data = await self.form_of(request, v)
         if isinstance(data, Response):
             return data
         try:
-            created = await run(
+            created = await self.run(
                 "create_webhook",
                 v,
                 url=str(data.get("url") or "").strip(),
@@ -356,12 +375,13 @@ def build_dashboard(app: App) -> list[BaseRoute]:
                 description=str(data.get("description") or ""),
             )
         except SHOWN_ON_PAGE as exc:
-            return await webhook_list(request, v, status=status_of(exc), error=exc, form=data)
-        return page(
+            return await self.webhook_list(request, v, status=status_of(exc), error=exc, form=data)
+        return self.page(
             request, "secret.html", 201, visit=v, webhook=created, secret=created.secret, rotated=False
         )
 
     async def webhook_list(
+        self,
         request: Request,
         v: Visit,
         *,
@@ -371,10 +391,10 @@ def build_dashboard(app: App) -> list[BaseRoute]:
     ) -> Response:
         assert v.principal is not None
         cursor = request.query_params.get("cursor") or None
-        listed = await run("list_webhooks", v, cursor=cursor, limit=LIST_LIMIT_MAX)
-        summaries = await in_thread(service.with_last_delivery, listed.webhooks)
+        listed = await self.run("list_webhooks", v, cursor=cursor, limit=LIST_LIMIT_MAX)
+        summaries = await in_thread(self.service.with_last_delivery, listed.webhooks)
         next_cursor = listed.next_cursor
-        return page(
+        return self.page(
             request,
             "webhooks.html",
             status,
@@ -387,6 +407,7 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         )
 
     async def webhook_detail(
+        self,
         request: Request,
         v: Visit,
         *,
@@ -395,16 +416,16 @@ def build_dashboard(app: App) -> list[BaseRoute]:
         error: JustScanError | None = None,
     ) -> Response:
         assert v.principal is not None
-        wid = webhook_id(request)
-        hook = await run("get_webhook", v, webhook_id=wid)
+        wid = self.webhook_id(request)
+        hook = await self.run("get_webhook", v, webhook_id=wid)
         state = request.query_params.get("state") or None
         event = request.query_params.get("event") or None
         cursor = request.query_params.get("cursor") or None
-        log = await run(
+        log = await self.run(
             "list_deliveries", v, webhook_id=wid, state=state, event=event, cursor=cursor, limit=50
         )
         live = any(d.state in OPEN_STATES for d in log.deliveries)
-        return page(
+        return self.page(
             request,
             "webhook.html",
             status,
@@ -422,55 +443,46 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             preview=BODY_PREVIEW,
         )
 
-    async def webhook_get(request: Request, v: Visit) -> Response:
-        return await webhook_detail(request, v)
+    async def webhook_get(self, request: Request, v: Visit) -> Response:
+        return await self.webhook_detail(request, v)
 
     # --- actions on one webhook: one handler each, found by name (POST only) ------------------
 
-    async def edit(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+    async def edit(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
         changes = {
             "url": str(data.get("url") or "").strip(),
             "events": data.get("events") or [],
             "description": str(data.get("description") or ""),
         }
-        await run("update_webhook", v, webhook_id=wid, **changes)
-        return redirect(f"/webhooks/{wid}", notice="updated")
+        await self.run("update_webhook", v, webhook_id=wid, **changes)
+        return self.redirect(f"/webhooks/{wid}", notice="updated")
 
-    async def switch(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+    async def switch(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
         on = data.get("active") == "true"
-        await run("update_webhook", v, webhook_id=wid, active=on)
-        return redirect(f"/webhooks/{wid}", notice="enabled" if on else "disabled")
+        await self.run("update_webhook", v, webhook_id=wid, active=on)
+        return self.redirect(f"/webhooks/{wid}", notice="enabled" if on else "disabled")
 
-    async def rotate(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
-        rotated = await run("rotate_secret", v, webhook_id=wid)
-        hook = await run("get_webhook", v, webhook_id=wid)
-        return page(
+    async def rotate(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        rotated = await self.run("rotate_secret", v, webhook_id=wid)
+        hook = await self.run("get_webhook", v, webhook_id=wid)
+        return self.page(
             request, "secret.html", 200, visit=v, webhook=hook, secret=rotated.secret, rotated=rotated
         )
 
-    async def test(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
-        outcome = await run("test_webhook", v, webhook_id=wid)
-        return await webhook_detail(request, v, outcome=outcome)
+    async def test(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        outcome = await self.run("test_webhook", v, webhook_id=wid)
+        return await self.webhook_detail(request, v, outcome=outcome)
 
-    async def delete(request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
-        await run("delete_webhook", v, webhook_id=wid)
-        return redirect("/webhooks", notice="deleted")
+    async def delete(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        await self.run("delete_webhook", v, webhook_id=wid)
+        return self.redirect("/webhooks", notice="deleted")
 
-    handlers: dict[str, Callable[[Request, Visit, int, dict[str, Any]], Awaitable[Response]]] = {
-        "edit": edit,
-        "active": switch,
-        "rotate": rotate,
-        "test": test,
-        "delete": delete,
-    }
-    assert handlers.keys() == WEBHOOK_ACTIONS.keys()
-
-    async def webhook_action(request: Request, v: Visit) -> Response:
+    async def webhook_action(self, request: Request, v: Visit) -> Response:
         name = request.path_params["action"]
-        if name not in handlers:
+        if name not in self.handlers:
             raise NotFound("action", f"no such action: {name}")
-        wid = webhook_id(request)
-        data = await form_of(request, v)
+        wid = self.webhook_id(request)
+        data = await self.form_of(request, v)
         if isinstance(data, Response):
             return data
         try:
@@ -478,34 +490,34 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             # Refused by the operation's declared scope before anything is read or changed; the
             # handler's `invoke` checks the same declaration again.
             authorize(BY_NAME[WEBHOOK_ACTIONS[name]], v.principal)
-            return await handlers[name](request, v, wid, data)
+            return await self.handlers[name](request, v, wid, data)
         except SHOWN_ON_PAGE as exc:
             try:
-                return await webhook_detail(request, v, status=status_of(exc), error=exc)
+                return await self.webhook_detail(request, v, status=status_of(exc), error=exc)
             except JustScanError:
                 # The page cannot be drawn for this key (no such webhook, no read scope): the
                 # refusal itself is still what the person must see.
-                return failure(request, v, exc)
+                return self.failure(request, v, exc)
 
-    async def confirm_delete(request: Request, v: Visit) -> Response:
+    async def confirm_delete(self, request: Request, v: Visit) -> Response:
         assert v.principal is not None
-        hook = await run("get_webhook", v, webhook_id=webhook_id(request))
-        return page(request, "confirm_delete.html", visit=v, webhook=hook)
+        hook = await self.run("get_webhook", v, webhook_id=self.webhook_id(request))
+        return self.page(request, "confirm_delete.html", visit=v, webhook=hook)
 
-    async def redeliver(request: Request, v: Visit) -> Response:
+    async def redeliver(self, request: Request, v: Visit) -> Response:
         assert v.principal is not None
-        data = await form_of(request, v)
+        data = await self.form_of(request, v)
         if isinstance(data, Response):
             return data
         raw = request.path_params["delivery_id"]
         if not raw.isdigit():
             raise NotFound("delivery_id", f"delivery {raw} does not exist in this team")
-        copy = await run("redeliver", v, delivery_id=int(raw))
-        return redirect(f"/webhooks/{copy.webhook_id}", notice="redelivered")
+        copy = await self.run("redeliver", v, delivery_id=int(raw))
+        return self.redirect(f"/webhooks/{copy.webhook_id}", notice="redelivered")
 
     # --- the admin area ---------------------------------------------------------------------
 
-    def page_position(request: Request, name: str) -> int | None:
+    def page_position(self, request: Request, name: str) -> int | None:
         raw = request.query_params.get(name)
         if raw is None or raw == "":
             return None
@@ -513,59 +525,84 @@ def build_dashboard(app: App) -> list[BaseRoute]:
             raise InvalidInput(name, "must be a page position from a Next link")
         return int(raw)
 
-    async def admin(request: Request, v: Visit) -> Response:
+    async def admin(self, request: Request, v: Visit) -> Response:
         overview = await in_thread(
-            service.admin_overview,
-            webhooks_after=page_position(request, "webhooks_after") or 0,
-            failing_before=page_position(request, "failing_before"),
+            self.service.admin_overview,
+            webhooks_after=self.page_position(request, "webhooks_after") or 0,
+            failing_before=self.page_position(request, "failing_before"),
         )
         names = {t.id: t.name for t in overview.teams}
-        return page(request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW)
+        return self.page(request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW)
 
-    async def admin_keys(request: Request, v: Visit) -> Response:
-        listing = await in_thread(service.admin_keys, teams_after=page_position(request, "teams_after") or 0)
-        return page(
+    async def admin_keys(self, request: Request, v: Visit) -> Response:
+        listing = await in_thread(
+            self.service.admin_keys, teams_after=self.page_position(request, "teams_after") or 0
+        )
+        return self.page(
             request, "admin_keys.html", visit=v, teams=listing.teams, keys=listing.keys, listing=listing
         )
 
-    async def admin_key_switch(request: Request, v: Visit) -> Response:
-        data = await form_of(request, v)
+    async def admin_key_switch(self, request: Request, v: Visit) -> Response:
+        data = await self.form_of(request, v)
         if isinstance(data, Response):
             return data
         raw = request.path_params.get("key_id", "")
         if not raw.isdigit():
             raise NotFound("key", f"API key {raw} does not exist")
         on = data.get("mcp_enabled") == "true"
-        await in_thread(service.update_api_key, key_id=int(raw), mcp_enabled=on)
-        return redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
+        await in_thread(self.service.update_api_key, key_id=int(raw), mcp_enabled=on)
+        return self.redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
 
-    # GET and POST are separate routes: a page never changes anything, and every change is a
-    # POST that carries the CSRF token.
-    return [
-        Route("/", home, methods=["GET"]),
-        Route("/login", sign_in_form("login.html"), methods=["GET"]),
-        Route(
-            "/login",
-            sign_in_route("login.html", "api_key", service.sign_in_with_key, "/webhooks"),
-            methods=["POST"],
-        ),
-        Route("/logout", logout, methods=["POST"]),
-        Route("/webhooks", guarded(webhooks_get, operator=False), methods=["GET"]),
-        Route("/webhooks", guarded(webhook_create, operator=False), methods=["POST"]),
-        Route("/webhooks/{webhook_id}", guarded(webhook_get, operator=False), methods=["GET"]),
-        Route("/webhooks/{webhook_id}/delete", guarded(confirm_delete, operator=False), methods=["GET"]),
-        Route("/webhooks/{webhook_id}/{action}", guarded(webhook_action, operator=False), methods=["POST"]),
-        Route("/deliveries/{delivery_id}/redeliver", guarded(redeliver, operator=False), methods=["POST"]),
-        Route("/admin/login", sign_in_form("admin_login.html"), methods=["GET"]),
-        Route(
-            "/admin/login",
-            sign_in_route(
-                "admin_login.html", "password", service.sign_in_operator, "/admin", LoginThrottle()
+    def routes(self) -> list[BaseRoute]:
+        """The dashboard's routes, for the HTTP server to mount at `/`."""
+        # GET and POST are separate routes: a page never changes anything, and every change is a
+        # POST that carries the CSRF token.
+        return [
+            Route("/", self.home, methods=["GET"]),
+            Route("/login", self.sign_in_form("login.html"), methods=["GET"]),
+            Route(
+                "/login",
+                self.sign_in_route("login.html", "api_key", self.service.sign_in_with_key, "/webhooks"),
+                methods=["POST"],
             ),
-            methods=["POST"],
-        ),
-        Route("/admin", guarded(admin, operator=True), methods=["GET"]),
-        Route("/admin/keys", guarded(admin_keys, operator=True), methods=["GET"]),
-        Route("/admin/keys/{key_id}/mcp", guarded(admin_key_switch, operator=True), methods=["POST"]),
-        Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
-    ]
+            Route("/logout", self.logout, methods=["POST"]),
+            Route("/webhooks", self.guarded(self.webhooks_get, operator=False), methods=["GET"]),
+            Route("/webhooks", self.guarded(self.webhook_create, operator=False), methods=["POST"]),
+            Route("/webhooks/{webhook_id}", self.guarded(self.webhook_get, operator=False), methods=["GET"]),
+            Route(
+                "/webhooks/{webhook_id}/delete",
+                self.guarded(self.confirm_delete, operator=False),
+                methods=["GET"],
+            ),
+            Route(
+                "/webhooks/{webhook_id}/{action}",
+                self.guarded(self.webhook_action, operator=False),
+                methods=["POST"],
+            ),
+            Route(
+                "/deliveries/{delivery_id}/redeliver",
+                self.guarded(self.redeliver, operator=False),
+                methods=["POST"],
+            ),
+            Route("/admin/login", self.sign_in_form("admin_login.html"), methods=["GET"]),
+            Route(
+                "/admin/login",
+                self.sign_in_route(
+                    "admin_login.html", "password", self.service.sign_in_operator, "/admin", LoginThrottle()
+                ),
+                methods=["POST"],
+            ),
+            Route("/admin", self.guarded(self.admin, operator=True), methods=["GET"]),
+            Route("/admin/keys", self.guarded(self.admin_keys, operator=True), methods=["GET"]),
+            Route(
+                "/admin/keys/{key_id}/mcp",
+                self.guarded(self.admin_key_switch, operator=True),
+                methods=["POST"],
+            ),
+            Mount("/static", app=StaticFiles(directory=HERE / "static"), name="static"),
+        ]
+
+
+def build_dashboard(app: App) -> list[BaseRoute]:
+    """The dashboard's routes, for the HTTP server to mount at `/`."""
+    return Dashboard(app).routes()
