@@ -330,32 +330,39 @@ def test_admin_pages_run_a_fixed_number_of_queries_whatever_their_size(app: App,
     assert _statements(app, lambda: app.service.admin_keys()) == few
 
 
+def _walk(fetch, items, following) -> list[int]:
+    """Every id a keyset-paged list gives, page after page until it has no next position."""
+    seen: list[int] = []
+    position = None
+    while True:
+        page = fetch(position)
+        seen += [item.id for item in items(page)]
+        position = following(page)
+        if position is None:
+            return seen
+
+
 def test_admin_lists_page_instead_of_stopping_at_a_cut(app: App, kit: TeamKit):
     """The lists were cut at 200 rows; each now pages on its own."""
     _failing_hooks(app, kit, 5)
-    hooks, after = [], 0
-    while True:
-        page = app.service.admin_overview(limit=2, webhooks_after=after)
-        hooks += [w.id for w in page.webhooks]
-        if page.next_webhooks is None:
-            break
-        after = page.next_webhooks
+    overview = app.service.admin_overview
+    hooks = _walk(
+        lambda after: overview(limit=2, webhooks_after=after or 0),
+        lambda page: page.webhooks,
+        lambda page: page.next_webhooks,
+    )
     assert hooks == [w.id for w in app.store.all_webhooks(limit=100_000)]
-    failing, before = [], None
-    while True:
-        page = app.service.admin_overview(limit=2, failing_before=before)
-        failing += [d.id for d in page.failing]
-        if page.next_failing is None:
-            break
-        before = page.next_failing
+    failing = _walk(
+        lambda before: overview(limit=2, failing_before=before),
+        lambda page: page.failing,
+        lambda page: page.next_failing,
+    )
     assert failing == sorted(failing, reverse=True) and len(set(failing)) == len(failing) >= 5
-    teams, teams_after = [], 0
-    while True:
-        listing = app.service.admin_keys(limit=2, teams_after=teams_after)
-        teams += [t.id for t in listing.teams]
-        if listing.next_teams is None:
-            break
-        teams_after = listing.next_teams
+    teams = _walk(
+        lambda after: app.service.admin_keys(limit=2, teams_after=after or 0),
+        lambda page: page.teams,
+        lambda page: page.next_teams,
+    )
     assert teams == [t.id for t in app.service.list_teams()]
 
 

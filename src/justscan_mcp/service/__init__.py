@@ -17,35 +17,17 @@ called from async code (`justscan_mcp.threads.in_thread`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import datetime
-
-from justscan_mcp.config import Settings
 from justscan_mcp.inputs import DEFAULT_ROTATION_GRACE, MAX_ROTATION_GRACE
-from justscan_mcp.models import utcnow
 from justscan_mcp.service.access import DASHBOARD_SESSION_TTL, AccessUseCases
 from justscan_mcp.service.admin import AdminQueries
-from justscan_mcp.service.deliveries import DeliveryUseCases, TestSignals
+from justscan_mcp.service.deliveries import DeliveryUseCases
 from justscan_mcp.service.events import EventUseCases
 from justscan_mcp.service.operations import EVENTS_WRITE, READ, WRITE
 from justscan_mcp.service.webhooks import WebhookUseCases
-from justscan_mcp.store import Store
-from justscan_mcp.targets import Resolver, system_resolver
 
 
 class Service(AccessUseCases, AdminQueries, WebhookUseCases, EventUseCases, DeliveryUseCases):
-    """Every use case, over one `Store`."""
-
-    def __init__(
-        self,
-        store: Store,
-        settings: Settings,
-        *,
-        resolver: Resolver = system_resolver,
-        clock: Callable[[], datetime] = utcnow,
-    ) -> None:
-        super().__init__(store, settings, resolver=resolver, clock=clock)
-        self.test_signals = TestSignals()
+    """Every use case, over one `Store` (the constructor is `UseCases.__init__`)."""
 
 
 __all__ = [

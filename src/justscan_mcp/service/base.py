@@ -6,9 +6,11 @@ rows to public shapes are here too.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
+
+import anyio
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import NotFound
@@ -27,6 +29,27 @@ from justscan_mcp.security import CursorCodec
 from justscan_mcp.service.validators import positive_id
 from justscan_mcp.store import Store
 from justscan_mcp.targets import Resolver, system_resolver
+
+
+class TestSignals:
+    """Events keyed by delivery id, set when this process's dispatcher saved a test delivery's
+    attempt. Used on the event loop only (the dispatcher calls `saved` from its writer task)."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, anyio.Event] = {}
+        self.local_dispatcher = False
+
+    def watch(self, delivery_id: int) -> anyio.Event:
+        return self._events.setdefault(delivery_id, anyio.Event())
+
+    def forget(self, delivery_id: int) -> None:
+        self._events.pop(delivery_id, None)
+
+    def saved(self, delivery_ids: Iterable[int]) -> None:
+        for delivery_id in delivery_ids:
+            event = self._events.get(delivery_id)
+            if event is not None:
+                event.set()
 
 
 class UseCases:
@@ -49,6 +72,8 @@ class UseCases:
         self._operator_fp: str | None = None
         # Set by the app to the local dispatcher's wake(): a recorded event is sent at once.
         self.on_recorded: Callable[[], None] = lambda: None
+        # Told by the local dispatcher when a test delivery's attempt is saved (its caller waits).
+        self.test_signals = TestSignals()
 
     @property
     def cursors(self) -> CursorCodec:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from functools import partial
 from typing import Any
 
@@ -32,31 +31,8 @@ POLL_INTERVAL = 0.02
 SIGNALLED_POLL_INTERVAL = 0.5
 
 
-class TestSignals:
-    """Events keyed by delivery id, set when this process's dispatcher saved a test delivery's
-    attempt. Used on the event loop only (the dispatcher calls `saved` from its writer task)."""
-
-    def __init__(self) -> None:
-        self._events: dict[int, anyio.Event] = {}
-        self.local_dispatcher = False
-
-    def watch(self, delivery_id: int) -> anyio.Event:
-        return self._events.setdefault(delivery_id, anyio.Event())
-
-    def forget(self, delivery_id: int) -> None:
-        self._events.pop(delivery_id, None)
-
-    def saved(self, delivery_ids: Iterable[int]) -> None:
-        for delivery_id in delivery_ids:
-            event = self._events.get(delivery_id)
-            if event is not None:
-                event.set()
-
-
 class DeliveryUseCases(UseCases):
     """A webhook's deliveries: reading the log, testing a receiver, sending an event again."""
-
-    test_signals: TestSignals
 
     def send_test(self, *, principal: Caller, webhook_id: int) -> int:
         """Queue one signed `test` delivery to the webhook (whatever it subscribes to); one attempt.
