@@ -465,6 +465,8 @@ class Dispatcher:
             schedule=self.settings.retry_schedule,
             now=self.clock(),
             single_attempt=job.is_test,
+            status_code=outcome.status_code,
+            retry_after=outcome.retry_after,
         )
         return AttemptResult(
             delivery_id=job.delivery_id,
@@ -478,6 +480,8 @@ class Dispatcher:
             state=state.state,
             next_attempt_at=state.next_attempt_at,
             single_attempt=job.is_test,
+            retry_after=state.retry_after,
+            note=state.note,
         )
 
     # --- the writer -------------------------------------------------------------------------
@@ -569,6 +573,8 @@ class Dispatcher:
                 error=reason.splitlines()[0][:500],
                 state=state.state,
                 next_attempt_at=state.next_attempt_at,
+                retry_after=None,
+                note=None,
             )
             try:
                 await self._in_thread(partial(self._complete, [failed]))

@@ -246,6 +246,8 @@ class DeliveryAttempt(SQLModel, table=True):
     response_body: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     error: str | None = Field(default=None, sa_column=Column(Text, nullable=True))
     next_retry_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    # The receiver's Retry-After (429/503), in seconds, when it was given and the delivery retries.
+    retry_after_seconds: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
 class InstanceSecret(SQLModel, table=True):
@@ -352,6 +354,7 @@ class AttemptPublic(_Public):
     response_body: str | None
     error: str | None
     next_retry_at: datetime | None
+    retry_after_seconds: int | None = None
 
 
 class DeliveryPublic(_Public):

@@ -52,6 +52,7 @@ class SendResult:
     response_body: str | None
     error: str | None
     duration_ms: int
+    retry_after: str | None = None  # the receiver's Retry-After header, as sent
 
     @property
     def succeeded(self) -> bool:
@@ -170,8 +171,13 @@ class Sender:
         assert self._session is not None, "Sender.start() first"
         started = time.perf_counter()
 
-        def done(status: int | None = None, text: str | None = None, error: str | None = None) -> SendResult:
-            return SendResult(status, text, error, int((time.perf_counter() - started) * 1000))
+        def done(
+            status: int | None = None,
+            text: str | None = None,
+            error: str | None = None,
+            retry_after: str | None = None,
+        ) -> SendResult:
+            return SendResult(status, text, error, int((time.perf_counter() - started) * 1000), retry_after)
 
         if refusal := self._literal_refusal(url):
             return done(error=refusal)
@@ -187,7 +193,12 @@ class Sender:
                         f"redirect to {location[:200]!r} not followed".replace("''", "nowhere"),
                     )
                 if not 200 <= resp.status < 300:
-                    return done(resp.status, text, f"receiver answered HTTP {resp.status}")
+                    return done(
+                        resp.status,
+                        text,
+                        f"receiver answered HTTP {resp.status}",
+                        resp.headers.get("Retry-After"),
+                    )
                 return done(resp.status, text)
         except TimeoutError:
             return done(error=f"timed out after {self.timeout:g}s")

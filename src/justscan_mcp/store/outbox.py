@@ -10,6 +10,7 @@ per-row compile, bind and coercion work was most of a worker's database time.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -319,12 +320,13 @@ class Outbox(Database):
             stamp = dt(now)
             cur.executemany(
                 f"UPDATE deliveries SET state = {m}, attempt_count = {m}, next_attempt_at = {m},"  # noqa: S608
-                f" lease_owner = NULL, lease_expires_at = NULL, updated_at = {m} WHERE id = {m}",
-                [(r.state, r.number, dt(r.next_attempt_at), stamp, r.delivery_id) for r in mine],
+                f" lease_owner = NULL, lease_expires_at = NULL, updated_at = {m}, note = COALESCE({m}, note)"
+                f" WHERE id = {m}",
+                [(r.state, r.number, dt(r.next_attempt_at), stamp, r.note, r.delivery_id) for r in mine],
             )
             cur.executemany(
                 "INSERT INTO delivery_attempts (delivery_id, number, worker, started_at, duration_ms,"  # noqa: S608
-                f" status_code, response_body, error, next_retry_at) VALUES ({self._marks(9)})",
+                f" status_code, response_body, error, next_retry_at, retry_after_seconds) VALUES ({self._marks(10)})",
                 [
                     (
                         r.delivery_id,
@@ -336,6 +338,7 @@ class Outbox(Database):
                         storable_text(r.response_body),
                         storable_text(r.error),
                         dt(r.next_attempt_at),
+                        None if r.retry_after is None else math.ceil(r.retry_after),
                     )
                     for r in mine
                 ],
@@ -438,3 +441,5 @@ class AttemptResult:
     state: str
     next_attempt_at: datetime | None
     single_attempt: bool = False  # a test delivery: a failure ends it
+    retry_after: float | None = None  # the receiver's Retry-After (seconds) that set the next time
+    note: str | None = None  # why the delivery ended early (410 Gone), for the log
