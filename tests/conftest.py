@@ -35,6 +35,7 @@ READ_TOOLS = ["get_webhook", "list_deliveries", "list_webhooks"]
 WRITE_TOOLS = [
     "create_webhook",
     "delete_webhook",
+    "recover_deliveries",
     "redeliver",
     "rotate_secret",
     "test_webhook",

@@ -131,6 +131,7 @@ async def test_streamable_http_tools_isolation_and_scopes(http_server: HttpServe
             "list_deliveries": {"webhook_id": theirs.id},
             "rotate_secret": {"webhook_id": theirs.id},
             "redeliver": {"delivery_id": their_delivery},
+            "recover_deliveries": {"webhook_id": theirs.id, "since": "2026-01-01T00:00:00+00:00"},
         }
         assert sorted([*by_id, "create_webhook", "list_webhooks"]) == ALL_TOOLS
         for call, args in by_id.items():

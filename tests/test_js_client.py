@@ -41,6 +41,9 @@ def check(seen: dict, kit: TeamKit) -> None:
     assert made["isError"] is False and made["webhook"]["team_id"] == kit.team.id
     assert made["webhook"]["secret"].startswith("whsec_")
     assert seen["listed"] == [made["webhook"]["id"]]
+    recovered = seen["recovered"]
+    assert recovered["isError"] is False and recovered["result"]["dry_run"] is True
+    assert (recovered["result"]["count"], recovered["result"]["more"]) == (0, False)
     assert seen["deleted"] == {"deleted": True, "webhook_id": made["webhook"]["id"]}
     assert seen["listedAfterDelete"] == []
     assert seen["invalid"]["isError"] is True and "url" in seen["invalid"]["text"]

@@ -40,9 +40,12 @@ async def test_schemas_constraints_output_and_annotations(kit: TeamKit):
     for tool in tools.values():
         assert tool.description and len(tool.description) > 40
         assert tool.output_schema and tool.output_schema.get("type") == "object"
-        # Only test_webhook and redeliver reach outside (they POST to receivers); the rest touch our store.
+        # Only test_webhook, redeliver and recover_deliveries reach outside (they POST to
+        # receivers); the rest touch our store.
         assert tool.annotations is not None
-        assert tool.annotations.open_world_hint is (tool.name in ("test_webhook", "redeliver"))
+        assert tool.annotations.open_world_hint is (
+            tool.name in ("test_webhook", "redeliver", "recover_deliveries")
+        )
     create = tools["create_webhook"].input_schema["properties"]
     assert create["url"]["maxLength"] == 2048 and create["url"]["format"] == "uri"
     assert create["events"]["minItems"] == 1 and create["events"]["uniqueItems"] is True

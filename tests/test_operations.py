@@ -38,6 +38,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "list_deliveries": {"webhook_id": MISSING},
     "redeliver": {"delivery_id": MISSING},
     "rotate_secret": {"webhook_id": MISSING},
+    "recover_deliveries": {"webhook_id": MISSING, "since": "2026-01-01T00:00:00+00:00"},
     "emit_event": {"event": "scan", "data": {"qr_code_id": 1, "scan_id": 1}},
 }
 # SPEC's scopes, pinned: changing one is a change of the contract, made here and in the table.
@@ -51,6 +52,7 @@ SPEC_SCOPES = {
     "list_deliveries": "webhooks:read",
     "redeliver": "webhooks:write",
     "rotate_secret": "webhooks:write",
+    "recover_deliveries": "webhooks:write",
     "emit_event": "events:write",
 }
 FORMS: dict[str, dict[str, Any]] = {

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -198,6 +199,27 @@ class DeliveryLogQuery(Input):
 
 class DeliveryRef(Input):
     delivery_id: DeliveryId
+
+
+# Times arrive as ISO-8601 text in JSON: strict mode would refuse text for a datetime.
+Moment = Annotated[AwareDatetime, Field(strict=False)]
+
+
+class DeliveryRecovery(Input):
+    since: Annotated[
+        Moment,
+        Field(description="Re-send failed deliveries created at or after this time (ISO-8601, with offset)."),
+    ]
+    until: Annotated[
+        Moment | None, Field(description="...and before this time (ISO-8601, with offset); omit for now.")
+    ] = None
+    dry_run: Annotated[bool, Field(description="true counts what would be re-sent and sends nothing.")] = (
+        False
+    )
+
+
+class DeliveryRecoveryInput(DeliveryRecovery):
+    webhook_id: WebhookId
 
 
 _VALIDATORS = (AfterValidator, BeforeValidator, PlainValidator, WrapValidator)

@@ -53,7 +53,8 @@ file_download). Use list_webhooks to see existing webhooks and their ids, create
 remove one, test_webhook to send a signed test delivery and see the receiver's answer, and
 list_deliveries to read a webhook's delivery log (states, attempts, response codes, retries),
 get_webhook and update_webhook to inspect or change one (url, events, description, active),
-redeliver to send a past delivery's event again, and rotate_secret to issue a new signing secret.
+redeliver to send a past delivery's event again, recover_deliveries to re-send everything that
+failed since an outage began, and rotate_secret to issue a new signing secret.
 Errors say which argument to change."""
 
 

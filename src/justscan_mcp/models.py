@@ -409,6 +409,16 @@ class AdminKeys(BaseModel):
     next_teams: int | None = None
 
 
+class RecoveryResult(BaseModel):
+    """recover_deliveries' answer: the new deliveries (for a dry run, the failed ones that would be
+    re-sent), and whether more remain past this call's limit (call again to continue)."""
+
+    count: int
+    deliveries: list[int]
+    more: bool
+    dry_run: bool
+
+
 class EmitResult(BaseModel):
     event_id: int
     deliveries: list[int]

@@ -47,6 +47,11 @@ await session(env.JS_WRITE_KEY, async (c) => {
   out.created = { isError: made.isError ?? false, webhook: made.structuredContent };
   const listed = await c.callTool({ name: 'list_webhooks', arguments: { limit: 50 } });
   out.listed = listed.structuredContent.webhooks.map((w) => w.id);
+  const recovered = await c.callTool({
+    name: 'recover_deliveries',
+    arguments: { webhook_id: made.structuredContent.id, since: '2026-01-01T00:00:00Z', dry_run: true },
+  });
+  out.recovered = { isError: recovered.isError ?? false, result: recovered.structuredContent };
   const deleted = await c.callTool({
     name: 'delete_webhook',
     arguments: { webhook_id: made.structuredContent.id },

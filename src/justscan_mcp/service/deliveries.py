@@ -10,20 +10,23 @@ import anyio
 
 from justscan_mcp.errors import InvalidInput, NotFound
 from justscan_mcp.events import TestData, envelope
-from justscan_mcp.inputs import DeliveryLogQuery, DeliveryRef, WebhookRef
+from justscan_mcp.inputs import DeliveryLogQuery, DeliveryRecoveryInput, DeliveryRef, WebhookRef
 from justscan_mcp.models import (
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     Caller,
     DeliveryPage,
     DeliveryPublic,
+    RecoveryResult,
     TestOutcome,
 )
-from justscan_mcp.service.base import UseCases, delivery_public
+from justscan_mcp.service.base import UseCases, delivery_public, webhook_not_found
 from justscan_mcp.service.validators import parse, positive_id
 from justscan_mcp.threads import in_thread
 
 FINAL_STATES = ("succeeded", "failed")
+# How many deliveries one recover_deliveries call re-sends at most (SPEC).
+RECOVERY_LIMIT = 10_000
 # Waiting for a test delivery that a dispatcher in another process may take: how often to look.
 POLL_INTERVAL = 0.02
 # With a dispatcher in this process its save signals the outcome; the database is still read
@@ -174,3 +177,43 @@ class DeliveryUseCases(UseCases):
             raise NotFound("delivery_id", f"delivery {did} does not exist in this team")
         self.on_recorded()
         return delivery_public(copy, [])
+
+    def recover_deliveries(
+        self,
+        *,
+        principal: Caller,
+        webhook_id: int,
+        since: Any,
+        until: Any = None,
+        dry_run: bool = False,
+    ) -> RecoveryResult:
+        """Re-send every `failed` delivery of the webhook created in [since, until) whose event
+        has not since been delivered to it (nor is on its way): after an outage, one call. Each
+        re-send is a new delivery linked by `redelivery_of`. At most `RECOVERY_LIMIT` per call;
+        `more` says to call again with the same arguments, which continues where this one ended.
+
+        Raises:
+            InvalidInput (webhook_id, since, until, dry_run), NotFound, Conflict (active: the
+            webhook is inactive).
+        """
+        given = parse(
+            DeliveryRecoveryInput,
+            {"webhook_id": webhook_id, "since": since, "until": until, "dry_run": dry_run},
+        )
+        if given.until is not None and given.until <= given.since:
+            raise InvalidInput("until", "must be later than since")
+        found = self.store.recover(
+            team_id=principal.team_id,
+            webhook_id=given.webhook_id,
+            since=given.since,
+            until=given.until,
+            limit=RECOVERY_LIMIT,
+            dry_run=given.dry_run,
+            now=self.clock(),
+        )
+        if found is None:
+            raise webhook_not_found(given.webhook_id)
+        ids, more = found
+        if ids and not given.dry_run:
+            self.on_recorded()
+        return RecoveryResult(count=len(ids), deliveries=ids, more=more, dry_run=given.dry_run)

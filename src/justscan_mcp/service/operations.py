@@ -19,6 +19,8 @@ from pydantic import BaseModel
 from justscan_mcp.errors import MissingScope
 from justscan_mcp.inputs import (
     DeliveryLogQuery,
+    DeliveryRecovery,
+    DeliveryRecoveryInput,
     DeliveryRef,
     EventEmit,
     SecretRotation,
@@ -34,6 +36,7 @@ from justscan_mcp.models import (
     DeliveryPage,
     DeliveryPublic,
     EmitResult,
+    RecoveryResult,
     Scope,
     SecretRotated,
     TestOutcome,
@@ -222,6 +225,21 @@ OPERATIONS: tuple[Operation, ...] = (
         route=HttpRoute(
             "POST", "/webhooks/{webhook_id}/rotate-secret", body=SecretRotation, body_required=False
         ),
+    ),
+    Operation(
+        name="recover_deliveries",
+        title="Recover failed deliveries",
+        description="After an outage, re-send every failed delivery of a webhook created since a time "
+        "(until another, or now), as new deliveries linked to the originals (redelivery_of). An event "
+        "already delivered since, or on its way, is not sent twice, so calling again is safe. "
+        "dry_run=true only counts. At most 10,000 per call: when `more` is true, call again with the "
+        "same arguments to continue. The webhook must be active.",
+        scope=WRITE,
+        hints=Hints(read_only=False, destructive=False, idempotent=True, open_world=True),
+        input=DeliveryRecoveryInput,
+        output=RecoveryResult,
+        use_case="recover_deliveries",
+        route=HttpRoute("POST", "/webhooks/{webhook_id}/recover", body=DeliveryRecovery, tag="deliveries"),
     ),
     Operation(
         name="emit_event",

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import func, text
 from sqlmodel import Session, col, select
 
 from justscan_mcp.errors import Conflict
@@ -384,6 +384,88 @@ class Outbox(Database):
             s.flush()
             self._notify(s)
             return copy
+
+    def recover(
+        self,
+        *,
+        team_id: int,
+        webhook_id: int,
+        since: datetime,
+        until: datetime | None,
+        limit: int,
+        dry_run: bool,
+        now: datetime,
+    ) -> tuple[list[int], bool] | None:
+        """Re-send the webhook's failed deliveries created in [since, until): one new pending
+        delivery (linked by `redelivery_of`) per event that has no delivery to this webhook that
+        succeeded or is still open, so a second recovery sends nothing twice. At most `limit`;
+        the flag says whether more remain. With `dry_run`, nothing is written and the ids are
+        those of the failed deliveries that would be re-sent. None when the webhook is not the
+        team's.
+
+        Raises:
+            Conflict: (active) the webhook is inactive. StoreUnavailable.
+        """
+        with self.session(write=True) as s:
+            webhook = s.exec(
+                select(Webhook)
+                .where(Webhook.id == webhook_id)
+                .where(Webhook.team_id == team_id)
+                .with_for_update(read=True)
+            ).first()
+            if webhook is None:
+                return None
+            if not webhook.active:
+                raise Conflict("active", f"webhook {webhook_id} is inactive; set it active before recovering")
+            later = Delivery.__table__.alias("later")  # type: ignore[attr-defined]
+            settled = (
+                select(later.c.id)
+                .where(later.c.webhook_id == col(Delivery.webhook_id))
+                .where(later.c.event_id == col(Delivery.event_id))
+                .where(later.c.state.in_(("succeeded", "pending", "retrying")))
+                .exists()
+            )
+            # One failed delivery per event (the first), oldest first.
+            q = (
+                select(func.min(col(Delivery.id)))
+                .where(col(Delivery.webhook_id) == webhook_id)
+                .where(col(Delivery.state) == "failed")
+                .where(col(Delivery.is_test).is_(False))
+                .where(col(Delivery.created_at) >= since)
+                .where(~settled)
+            )
+            if until is not None:
+                q = q.where(col(Delivery.created_at) < until)
+            rows = s.exec(
+                q.group_by(col(Delivery.event_id)).order_by(func.min(col(Delivery.id))).limit(limit + 1)
+            ).all()
+            ids = [i for i in rows if i is not None]
+            more = len(ids) > limit
+            ids = ids[:limit]
+            if dry_run or not ids:
+                return ids, more
+            originals = s.exec(
+                select(Delivery).where(col(Delivery.id).in_(ids)).order_by(col(Delivery.id))
+            ).all()
+            copies = [
+                Delivery(
+                    team_id=team_id,
+                    webhook_id=webhook_id,
+                    event_id=d.event_id,
+                    event=d.event,
+                    state="pending",
+                    is_test=False,
+                    redelivery_of=d.id,
+                    next_attempt_at=now,
+                    created_at=now,
+                    updated_at=now,
+                )
+                for d in originals
+            ]
+            s.add_all(copies)
+            s.flush()
+            self._notify(s)
+            return [c.id for c in copies if c.id is not None], more
 
 
 class NewestDeliveryProbe:
