@@ -32,6 +32,7 @@ from justscan_mcp.events import EmittableEvent
 from justscan_mcp.models import (
     DESCRIPTION_MAX_LENGTH,
     EVENT_NAMES,
+    IDEMPOTENCY_KEY_MAX,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     MAX_ID,
@@ -160,6 +161,19 @@ class EventEmit(Input):
     event: EmittableEvent
     # The event's own model checks the data (events.validate_emit), with `data.<field>` errors.
     data: dict[str, Any]
+
+
+class EventEmitInput(EventEmit):
+    # REST takes it from the `Idempotency-Key` header (HttpRoute.headers).
+    idempotency_key: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=IDEMPOTENCY_KEY_MAX,
+            description="A repeat of the same request with the same key, within 24 hours, answers the "
+            "first answer again and records nothing; the same key with another request is refused.",
+        ),
+    ] = None
 
 
 # --- operations' whole argument lists -----------------------------------------------------------

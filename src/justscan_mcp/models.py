@@ -41,6 +41,7 @@ URL_MAX_LENGTH = 2048
 DESCRIPTION_MAX_LENGTH = 500
 LIST_LIMIT_MAX = 100
 LIST_LIMIT_DEFAULT = 20
+IDEMPOTENCY_KEY_MAX = 255
 
 
 # 64-bit ids everywhere; on SQLite only a column typed exactly INTEGER is the auto-assigned rowid.
@@ -250,6 +251,23 @@ class DeliveryAttempt(SQLModel, table=True):
     retry_after_seconds: int | None = Field(default=None, sa_column=Column(BigInteger, nullable=True))
 
 
+class IdempotencyKey(SQLModel, table=True):
+    """One `Idempotency-Key` of a team's `POST /events`: the request it was first used with (a
+    hash) and the answer it got. The primary key is what makes a concurrent repeat wait and then
+    replay, instead of recording the event twice."""
+
+    __tablename__ = "idempotency_keys"
+
+    team_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    )
+    key: str = Field(sa_column=Column(String(IDEMPOTENCY_KEY_MAX), primary_key=True))
+    request_hash: str = Field(sa_column=Column(String(64), nullable=False))
+    response: str = Field(sa_column=Column(Text, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False, index=True))
+
+
 class InstanceSecret(SQLModel, table=True):
     """Secrets shared by every process on one database (e.g. the cursor signing key)."""
 
@@ -422,6 +440,9 @@ class RecoveryResult(BaseModel):
 class EmitResult(BaseModel):
     event_id: int
     deliveries: list[int]
+    # True when this is a stored answer to a repeated Idempotency-Key (sent as a header, never in
+    # the body, so a replay's body is the first answer's exactly).
+    replayed: bool = PublicField(default=False, exclude=True)
 
 
 class TestOutcome(BaseModel):

@@ -18,7 +18,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import Body, FastAPI, Path, Query, Request, Response, Security
+from fastapi import Body, FastAPI, Header, Path, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
@@ -63,6 +63,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         (405, "The endpoint does not take this method."),
         (403, "The key lacks the scope this operation needs (named in the message)."),
         (404, "No such id in the key's team (another team's id answers the same)."),
+        (409, "A conflict: an inactive webhook, an Idempotency-Key used with another request, a race."),
         (413, "The request body is over 1 MiB."),
         (422, "Invalid input; `field` names it."),
         (500, "A bug on the server; the message says it was logged."),
@@ -148,6 +149,15 @@ def _endpoint(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
         inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=_described(fields[name], Path))
         for name in in_path
     ]
+    params += [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=None,
+            annotation=field_type(fields[name], Header(alias=header, description=fields[name].description)),
+        )
+        for name, header in route.headers.items()
+    ]
     if route.body is not None:
         body = _BODIES.get(route.body, route.body)
         if route.body_required:
@@ -170,7 +180,7 @@ def _endpoint(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
                 annotation=_described(info, Query),
             )
             for name, info in fields.items()
-            if name not in in_path
+            if name not in in_path and name not in route.headers
         ]
 
     async def endpoint(*, principal: Principal, **given: Any) -> Any:
@@ -182,6 +192,11 @@ def _endpoint(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
         result = await invoke(service, op.name, principal=principal, args=args)
         if route.status == 204:
             return Response(status_code=204)
+        sent = {
+            header: "true" for header, attr in route.reply_headers.items() if getattr(result, attr, False)
+        }
+        if sent:
+            return JSONResponse(result.model_dump(mode="json"), status_code=route.status, headers=sent)
         return result
 
     endpoint.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]

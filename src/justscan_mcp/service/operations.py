@@ -23,6 +23,7 @@ from justscan_mcp.inputs import (
     DeliveryRecoveryInput,
     DeliveryRef,
     EventEmit,
+    EventEmitInput,
     SecretRotation,
     SecretRotationInput,
     WebhookChange,
@@ -80,6 +81,10 @@ class HttpRoute:
     body: type[BaseModel] | None = None
     body_required: bool = True
     tag: str = "webhooks"
+    # Input fields REST reads from request headers: {field: header name}.
+    headers: Mapping[str, str] = field(default_factory=dict)
+    # Response headers from the result: {header name: result attribute}, sent when it is true.
+    reply_headers: Mapping[str, str] = field(default_factory=dict)
 
 
 def _same(args: dict[str, Any]) -> dict[str, Any]:
@@ -248,10 +253,18 @@ OPERATIONS: tuple[Operation, ...] = (
         "signed delivery (the first scan of a QR code also makes a first_scan).",
         scope=EVENTS_WRITE,
         hints=Hints(read_only=False, destructive=False, idempotent=False, open_world=True),
-        input=EventEmit,
+        input=EventEmitInput,
         output=EmitResult,
         use_case="emit_event_as",
-        route=HttpRoute("POST", "/events", 202, body=EventEmit, tag="events"),
+        route=HttpRoute(
+            "POST",
+            "/events",
+            202,
+            body=EventEmit,
+            tag="events",
+            headers={"idempotency_key": "Idempotency-Key"},
+            reply_headers={"Idempotent-Replayed": "replayed"},
+        ),
         # Events come from Just Scan It's own systems, not from assistants.
         mcp_tool=False,
     ),

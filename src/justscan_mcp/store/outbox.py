@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, text
+from sqlalchemy import func, text, update
 from sqlmodel import Session, col, select
 
 from justscan_mcp.errors import Conflict
@@ -28,6 +28,7 @@ from justscan_mcp.models import (
     Delivery,
     Event,
     FirstScan,
+    IdempotencyKey,
     Webhook,
     storable_text,
 )
@@ -60,28 +61,113 @@ class Outbox(Database):
         Returns the event id and the ids of every delivery created (first_scan ones included).
         """
         with self.session(write=True) as s:
-            # FOR SHARE (PostgreSQL): a concurrent delete or deactivation of one of these webhooks
-            # waits for this transaction, or this one sees its result; without the lock an event
-            # racing a delete failed on the foreign key and one racing a deactivation left an
-            # open delivery to an inactive webhook. SQLite's write lock already serialises them.
-            hooks = s.exec(
-                select(Webhook)
-                .where(Webhook.team_id == team_id)
-                .where(col(Webhook.active))
-                .with_for_update(read=True)
-            ).all()
-            scan = self._add_event(s, team_id, event, payload, now)
-            deliveries = self._fan_out(s, hooks, scan, now)
-            if first_scan is not None:
-                qr_code_id, first_payload = first_scan
-                if self._claim_first_scan(s, team_id=team_id, qr_code_id=qr_code_id, event_id=scan.id):
-                    first = self._add_event(s, team_id, "first_scan", first_payload, now)
-                    deliveries += self._fan_out(s, hooks, first, now)
-            s.flush()
-            if deliveries:
-                self._notify(s)
-            assert scan.id is not None
-            return scan.id, [d.id for d in deliveries if d.id is not None]
+            return self._record(
+                s, team_id=team_id, event=event, payload=payload, now=now, first_scan=first_scan
+            )
+
+    def record_event_once(
+        self,
+        *,
+        team_id: int,
+        key: str,
+        request_hash: str,
+        answer: Callable[[int, list[int]], str],
+        expires_at: datetime,
+        event: str,
+        payload: bytes,
+        now: datetime,
+        first_scan: tuple[int, bytes] | None = None,
+    ) -> tuple[str, bool]:
+        """`record_event` under an idempotency key, in one transaction. The first use of the key
+        records the event and stores `answer(event_id, deliveries)`; a repeat with the same
+        `request_hash` returns that stored answer and records nothing. The key's primary key
+        decides which of two concurrent requests is first: the other waits for it to commit
+        (PostgreSQL's unique check; SQLite's write lock) and then replays. An expired key is
+        used afresh. Returns (the answer, whether it was replayed).
+
+        Raises:
+            Conflict: (Idempotency-Key) the key was used with a different request.
+            StoreUnavailable.
+        """
+        with self.session(write=True) as s:
+            values = {
+                "team_id": team_id,
+                "key": key,
+                "request_hash": request_hash,
+                "response": "",
+                "created_at": now,
+                "expires_at": expires_at,
+            }
+            if self.backend == "postgresql":
+                from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+                stmt: Any = pg_insert(IdempotencyKey).values(**values).on_conflict_do_nothing()
+            else:
+                from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+                stmt = sqlite_insert(IdempotencyKey).values(**values).on_conflict_do_nothing()
+            claimed = s.execute(stmt.returning(col(IdempotencyKey.key))).first()
+            if claimed is None:
+                row = s.exec(
+                    select(IdempotencyKey)
+                    .where(IdempotencyKey.team_id == team_id)
+                    .where(IdempotencyKey.key == key)
+                    .with_for_update()
+                ).one()
+                if row.expires_at > now:
+                    if row.request_hash != request_hash:
+                        raise Conflict(
+                            "Idempotency-Key",
+                            "this Idempotency-Key was already used with a different request; use a new key",
+                        )
+                    return row.response, True
+                row.request_hash, row.created_at, row.expires_at = request_hash, now, expires_at
+                s.add(row)
+            event_id, deliveries = self._record(
+                s, team_id=team_id, event=event, payload=payload, now=now, first_scan=first_scan
+            )
+            response = answer(event_id, deliveries)
+            s.execute(
+                update(IdempotencyKey)
+                .where(col(IdempotencyKey.team_id) == team_id)
+                .where(col(IdempotencyKey.key) == key)
+                .values(response=response)
+            )
+            return response, False
+
+    def _record(
+        self,
+        s: Session,
+        *,
+        team_id: int,
+        event: str,
+        payload: bytes,
+        now: datetime,
+        first_scan: tuple[int, bytes] | None,
+    ) -> tuple[int, list[int]]:
+        """The body of `record_event`, inside the caller's write transaction."""
+        # FOR SHARE (PostgreSQL): a concurrent delete or deactivation of one of these webhooks
+        # waits for this transaction, or this one sees its result; without the lock an event
+        # racing a delete failed on the foreign key and one racing a deactivation left an
+        # open delivery to an inactive webhook. SQLite's write lock already serialises them.
+        hooks = s.exec(
+            select(Webhook)
+            .where(Webhook.team_id == team_id)
+            .where(col(Webhook.active))
+            .with_for_update(read=True)
+        ).all()
+        scan = self._add_event(s, team_id, event, payload, now)
+        deliveries = self._fan_out(s, hooks, scan, now)
+        if first_scan is not None:
+            qr_code_id, first_payload = first_scan
+            if self._claim_first_scan(s, team_id=team_id, qr_code_id=qr_code_id, event_id=scan.id):
+                first = self._add_event(s, team_id, "first_scan", first_payload, now)
+                deliveries += self._fan_out(s, hooks, first, now)
+        s.flush()
+        if deliveries:
+            self._notify(s)
+        assert scan.id is not None
+        return scan.id, [d.id for d in deliveries if d.id is not None]
 
     def _notify(self, s: Session) -> None:
         """Tell dispatchers in other processes that work is due. NOTIFY is transactional: it is
