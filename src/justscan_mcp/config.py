@@ -21,6 +21,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60.0, 300.0, 1800.0)
 DEFAULT_DELIVERY_TIMEOUT = 10.0
+DEFAULT_RETENTION_DAYS = 30.0
 DB_FILENAME = "justscan.db"
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE_MARGIN = 60.0
@@ -77,6 +78,21 @@ def parse_positive_float(name: str, raw: str) -> float:
     return value
 
 
+def parse_retention_days(name: str, raw: str) -> float:
+    """Days to keep finished deliveries: a finite number >= 0, decimals allowed; 0 keeps all.
+
+    Raises:
+        ConfigError: when the value is not such a number.
+    """
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a number of days") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{name}: must be a number of days, 0 or more, got {raw!r}")
+    return value
+
+
 def parse_in_flight(name: str, raw: str) -> int:
     """Raises: ConfigError unless an integer from 1 to 10000."""
     if not raw.isdigit() or not 1 <= int(raw) <= 10_000:
@@ -126,6 +142,8 @@ class Settings:
     slow_lane: int | None = None
     # The dashboard's operator credential (the admin area); unset, the admin area is closed.
     admin_password: str | None = field(default=None, repr=False)
+    # Days finished deliveries (and their attempts, and events left without deliveries) are kept.
+    retention_days: float = DEFAULT_RETENTION_DAYS
 
     @property
     def lease_seconds(self) -> float:
@@ -178,6 +196,7 @@ class Settings:
             ),
             poll_interval=read("JUSTSCAN_POLL_INTERVAL", parse_positive_float, DEFAULT_POLL_INTERVAL),
             lease_margin=read("JUSTSCAN_LEASE_MARGIN", parse_positive_float, DEFAULT_LEASE_MARGIN),
+            retention_days=read("JUSTSCAN_RETENTION_DAYS", parse_retention_days, DEFAULT_RETENTION_DAYS),
             max_in_flight=read("JUSTSCAN_MAX_IN_FLIGHT", parse_in_flight, DEFAULT_MAX_IN_FLIGHT),
             max_in_flight_per_webhook=read("JUSTSCAN_MAX_IN_FLIGHT_PER_WEBHOOK", parse_in_flight, None),
             slow_lane=read("JUSTSCAN_SLOW_LANE", parse_in_flight, None),

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -52,13 +52,19 @@ from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, SendResult, delivery_headers
-from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, NewestDeliveryProbe, Store
+from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, NewestDeliveryProbe, Purged, Store
 
 log = logging.getLogger("justscan_mcp.dispatcher")
 
 WRITE_BATCH = 500
 STOP_SAVE_GRACE = 3.0  # seconds a stopping process keeps trying to save results into a dead database
 SQLITE_WATCH_INTERVAL = 0.005  # seconds between two looks at SQLite's newest delivery id
+# The retention sweep: every 10 minutes (first a minute after start), batches of 1,000 rows,
+# at most 50 batches a run so one run never holds the database for long.
+RETENTION_INTERVAL = 600.0
+RETENTION_FIRST_RUN = 60.0
+RETENTION_BATCH = 1000
+RETENTION_MAX_BATCHES = 50
 _T = TypeVar("_T")
 
 
@@ -129,6 +135,15 @@ class Dispatcher:
             "interval",
             seconds=self.settings.poll_interval,
             id="poll",
+            coalesce=True,
+            max_instances=1,
+        )
+        scheduler.add_job(
+            self.sweep,
+            "interval",
+            seconds=RETENTION_INTERVAL,
+            next_run_time=datetime.now(UTC) + timedelta(seconds=RETENTION_FIRST_RUN),
+            id="retention",
             coalesce=True,
             max_instances=1,
         )
@@ -267,6 +282,39 @@ class Dispatcher:
         self._scheduler.add_job(
             self._retry_due, "date", run_date=when, id="retry", replace_existing=True, misfire_grace_time=None
         )
+
+    async def sweep(self) -> Purged:
+        """The retention job: delete, in batches, finished deliveries older than
+        JUSTSCAN_RETENTION_DAYS (0 keeps them), events left without deliveries, and expired
+        idempotency keys. A database outage is logged and the next run tries again."""
+        days = self.settings.retention_days
+        total = Purged()
+        for _ in range(RETENTION_MAX_BATCHES):
+            now = self.clock()
+            before = now - timedelta(days=days) if days > 0 else None
+            try:
+                done = await self._in_thread(
+                    partial(self.store.purge, before=before, now=now, batch=RETENTION_BATCH)
+                )
+            except StoreUnavailable as exc:
+                log.warning("retention sweep postponed: %s", exc.message.splitlines()[0])
+                break
+            total = Purged(
+                deliveries=total.deliveries + done.deliveries,
+                events=total.events + done.events,
+                idempotency_keys=total.idempotency_keys + done.idempotency_keys,
+                skipped=done.skipped,
+            )
+            if done.skipped or max(done.deliveries, done.events, done.idempotency_keys) < RETENTION_BATCH:
+                break
+        if total.deliveries or total.events or total.idempotency_keys:
+            log.info(
+                "retention: deleted %d deliveries, %d events, %d idempotency keys",
+                total.deliveries,
+                total.events,
+                total.idempotency_keys,
+            )
+        return total
 
     async def _retry_due(self) -> None:
         """The retry timer fired: claim, and set the timer to the next retry time still ahead."""

@@ -162,6 +162,8 @@ class FirstScan(SQLModel, table=True):
     """One row per (team, QR code): its primary key is what makes first_scan happen exactly once."""
 
     __tablename__ = "first_scans"
+    # Retention keeps the events these rows point at; it looks them up by event.
+    __table_args__ = (Index("ix_first_scans_event_id", "event_id"),)
 
     team_id: int = Field(
         sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
@@ -198,6 +200,8 @@ class Delivery(SQLModel, table=True):
             postgresql_where=text(OPEN_STATES_SQL),
         ),
         Index("ix_deliveries_webhook_id_id", "webhook_id", "id"),
+        # Retention asks "has this event any delivery left?" for every old event.
+        Index("ix_deliveries_event_id", "event_id"),
         Index(
             "ix_deliveries_failing",
             "id",

@@ -7,7 +7,8 @@ split of a connector and its managers is the model):
 - `outbox`: the delivery hot path (record, claim, complete), its SQL together;
 - `access`: teams, API keys, dashboard sessions;
 - `webhooks`: webhooks;
-- `deliveries`: the delivery log's reads.
+- `deliveries`: the delivery log's reads;
+- `retention`: the sweep that deletes what is old enough.
 
 Each repository uses only `Database`, never another repository, so each can be read alone.
 Driver errors are translated in `db` (`StoreUnavailable`, `Conflict`, `InvalidInput`), so nothing
@@ -27,10 +28,11 @@ from justscan_mcp.store.outbox import (
     NewestDeliveryProbe,
     Outbox,
 )
+from justscan_mcp.store.retention import Purged, RetentionRepository
 from justscan_mcp.store.webhooks import WebhookRepository
 
 
-class Store(Outbox, AccessRepository, WebhookRepository, DeliveryLog, Database):
+class Store(Outbox, AccessRepository, WebhookRepository, DeliveryLog, RetentionRepository, Database):
     """Every repository over one database: what the service and the dispatcher are given."""
 
 
@@ -44,6 +46,8 @@ __all__ = [
     "DeliveryLog",
     "NewestDeliveryProbe",
     "Outbox",
+    "Purged",
+    "RetentionRepository",
     "Store",
     "WebhookRepository",
     "create_db_engine",
