@@ -63,7 +63,7 @@ def test_session_cookie_is_httponly_samesite_strict_and_sign_out_ends_it(dash: H
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/" in cookie
     assert kit.rw.key not in cookie and kit.rw.key not in raw.headers["location"]
     page = c.get("/webhooks")
-    assert page.status_code == 200 and f"team {kit.team.id}" in page.text
+    assert page.status_code == 200 and f"{kit.team.name} · key {kit.rw.prefix}…" in page.text
     out = c.post("/logout", data={"csrf": csrf_of(page.text)})
     assert out.url.path == "/login" and "signed out" in out.text
     # The old cookie is dead on the server, not just forgotten by this browser.

@@ -105,6 +105,9 @@ def test_dashboard_in_a_real_browser(chromium: Any, tmp_path: Path):
         page.get_by_label("API key").fill(kit.rw.key)
         page.get_by_role("button", name="Sign in").click()
         page.get_by_role("heading", name="Account → Webhooks").wait_for()
+        # The header names the team and the key, not bare ids; the empty list says what to do.
+        assert f"{kit.team.name} · key {kit.rw.prefix}…" in page.inner_text("header")
+        assert "No webhooks yet: create one below" in page.inner_text("main")
 
         page.get_by_label("Endpoint URL").fill(receiver.url("/dash"))
         page.get_by_label("scan", exact=True).check()
@@ -150,6 +153,17 @@ def test_dashboard_in_a_real_browser(chromium: Any, tmp_path: Path):
         small = phone.new_page()
         small.goto(f"{server.base}/webhooks/{hook_id}")
         assert small.get_by_role("button", name="Enable").is_visible()
+        # Below 600 px each delivery is a card: every field is inside the screen, none cut off.
+        cells = small.locator("tr[data-delivery] td[data-label]")
+        assert cells.count() == 7
+        for i in range(cells.count()):
+            box = cells.nth(i).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (i, box)
+        label = small.evaluate(
+            "getComputedStyle(document.querySelector('tr[data-delivery] td[data-label=\"Next retry\"]'),"
+            " '::before').content"
+        )
+        assert "Next retry" in label, label
         small.screenshot(path=str(shots / "dashboard-phone.png"), full_page=True)
         phone.close()
 

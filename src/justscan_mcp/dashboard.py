@@ -132,6 +132,8 @@ class Visit:
 
     session: DashboardSession
     principal: Principal | None
+    team_name: str | None = None  # what the header shows instead of bare ids
+    key_label: str | None = None
 
     @property
     def can_write(self) -> bool:
@@ -230,7 +232,10 @@ class Dashboard:
             )
         except AuthError:
             return None
-        return Visit(session, principal)
+        if principal is None:
+            return Visit(session, None)
+        team_name, key_label = await in_thread(self.service.describe_key, principal)
+        return Visit(session, principal, team_name, key_label)
 
     async def form_of(self, request: Request, v: Visit | None) -> dict[str, Any] | Response:
         """The POSTed form, after the CSRF and Origin checks."""

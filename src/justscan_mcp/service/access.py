@@ -187,6 +187,13 @@ class AccessUseCases(UseCases):
         """
         return Operator(team_id=self._require_team(team_id))
 
+    def describe_key(self, principal: Principal) -> tuple[str | None, str | None]:
+        """The team's name and the key's name (or its visible prefix), for people to read."""
+        team = self.store.get_team(principal.team_id)
+        key = self.store.get_api_key(principal.key_id)
+        label = (key.name or f"{key.prefix}…") if key is not None else None
+        return (team.name if team is not None else None), label
+
     @staticmethod
     def require_mcp(principal: Principal) -> None:
         """Raises: McpDisabled when the key's MCP switch is off."""
