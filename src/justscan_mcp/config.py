@@ -22,6 +22,7 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 DEFAULT_RETRY_SCHEDULE: tuple[float, ...] = (60.0, 300.0, 1800.0)
 DEFAULT_DELIVERY_TIMEOUT = 10.0
 DEFAULT_RETENTION_DAYS = 30.0
+DEFAULT_DISABLE_AFTER = 5 * 24 * 3600.0  # like Svix: a failure streak five days old switches a webhook off
 DB_FILENAME = "justscan.db"
 DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_LEASE_MARGIN = 60.0
@@ -75,6 +76,21 @@ def parse_positive_float(name: str, raw: str) -> float:
         raise ConfigError(f"{name}: {raw!r} is not a number of seconds") from None
     if not 0 < value < float("inf"):
         raise ConfigError(f"{name}: must be a positive number of seconds, got {raw!r}")
+    return value
+
+
+def parse_seconds_or_zero(name: str, raw: str) -> float:
+    """A finite number of seconds, 0 or more (0 turns the feature off).
+
+    Raises:
+        ConfigError: when the value is not such a number.
+    """
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: {raw!r} is not a number of seconds") from None
+    if not 0 <= value < float("inf"):
+        raise ConfigError(f"{name}: must be a number of seconds, 0 or more, got {raw!r}")
     return value
 
 
@@ -144,6 +160,8 @@ class Settings:
     admin_password: str | None = field(default=None, repr=False)
     # Days finished deliveries (and their attempts, and events left without deliveries) are kept.
     retention_days: float = DEFAULT_RETENTION_DAYS
+    # Seconds a failure streak may last before the webhook is switched off; 0: never.
+    disable_after: float = DEFAULT_DISABLE_AFTER
 
     @property
     def lease_seconds(self) -> float:
@@ -197,6 +215,7 @@ class Settings:
             poll_interval=read("JUSTSCAN_POLL_INTERVAL", parse_positive_float, DEFAULT_POLL_INTERVAL),
             lease_margin=read("JUSTSCAN_LEASE_MARGIN", parse_positive_float, DEFAULT_LEASE_MARGIN),
             retention_days=read("JUSTSCAN_RETENTION_DAYS", parse_retention_days, DEFAULT_RETENTION_DAYS),
+            disable_after=read("JUSTSCAN_DISABLE_AFTER", parse_seconds_or_zero, DEFAULT_DISABLE_AFTER),
             max_in_flight=read("JUSTSCAN_MAX_IN_FLIGHT", parse_in_flight, DEFAULT_MAX_IN_FLIGHT),
             max_in_flight_per_webhook=read("JUSTSCAN_MAX_IN_FLIGHT_PER_WEBHOOK", parse_in_flight, None),
             slow_lane=read("JUSTSCAN_SLOW_LANE", parse_in_flight, None),

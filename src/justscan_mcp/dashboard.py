@@ -67,6 +67,7 @@ NOTICES = {
     "disabled": "Webhook disabled: queued deliveries were ended and no new ones are made.",
     "deleted": "Webhook deleted.",
     "redelivered": "Redelivery queued: it appears at the top of the log.",
+    "recovered": "Webhook enabled: every delivery that failed in its streak is being sent again.",
     "signed-out": "You are signed out.",
     "mcp-on": "MCP turned on for that key.",
     "mcp-off": "MCP turned off for that key.",
@@ -112,6 +113,7 @@ WEBHOOK_ACTIONS: dict[str, str] = {
     "rotate": "rotate_secret",
     "test": "test_webhook",
     "delete": "delete_webhook",
+    "enable-recover": "recover_deliveries",
 }
 
 # Every dashboard request that acts for a key, and the operation (so the scope) it runs. The
@@ -189,6 +191,7 @@ class Dashboard:
             "rotate": self.rotate,
             "test": self.test,
             "delete": self.delete,
+            "enable-recover": self.enable_recover,
         }
         assert self.handlers.keys() == WEBHOOK_ACTIONS.keys()
 
@@ -481,6 +484,11 @@ class Dashboard:
     async def delete(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
         await self.run("delete_webhook", v, webhook_id=wid)
         return self.redirect("/webhooks", notice="deleted")
+
+    async def enable_recover(self, request: Request, v: Visit, wid: int, data: dict[str, Any]) -> Response:
+        assert v.principal is not None
+        await in_thread(self.service.enable_and_recover, principal=v.principal, webhook_id=wid)
+        return self.redirect(f"/webhooks/{wid}", notice="recovered")
 
     async def webhook_action(self, request: Request, v: Visit) -> Response:
         name = request.path_params["action"]

@@ -65,6 +65,8 @@ RETENTION_INTERVAL = 600.0
 RETENTION_FIRST_RUN = 60.0
 RETENTION_BATCH = 1000
 RETENTION_MAX_BATCHES = 50
+# How often the auto-disable check runs (at most; twice per JUSTSCAN_DISABLE_AFTER when shorter).
+DISABLE_CHECK_INTERVAL = 60.0
 _T = TypeVar("_T")
 
 
@@ -147,6 +149,15 @@ class Dispatcher:
             coalesce=True,
             max_instances=1,
         )
+        if self.settings.disable_after > 0:
+            scheduler.add_job(
+                self.disable_failing,
+                "interval",
+                seconds=min(DISABLE_CHECK_INTERVAL, self.settings.disable_after / 2),
+                id="disable-failing",
+                coalesce=True,
+                max_instances=1,
+            )
         scheduler.start()
         self._scheduler = scheduler
         self._senders = [
@@ -315,6 +326,26 @@ class Dispatcher:
                 total.idempotency_keys,
             )
         return total
+
+    async def disable_failing(self) -> list[int]:
+        """The auto-disable job: switch off webhooks whose failure streak is older than
+        JUSTSCAN_DISABLE_AFTER with at least 3 failed deliveries in it (their open deliveries end
+        `failed`, kept for recovery). A database outage is logged and the next run tries again."""
+        now = self.clock()
+        try:
+            ids = await self._in_thread(
+                partial(
+                    self.store.disable_failing,
+                    started_before=now - timedelta(seconds=self.settings.disable_after),
+                    now=now,
+                )
+            )
+        except StoreUnavailable as exc:
+            log.warning("auto-disable check postponed: %s", exc.message.splitlines()[0])
+            return []
+        for webhook_id in ids:
+            log.warning("webhook %s switched off: failing for longer than JUSTSCAN_DISABLE_AFTER", webhook_id)
+        return ids
 
     async def _retry_due(self) -> None:
         """The retry timer fired: claim, and set the timer to the next retry time still ahead."""
@@ -530,6 +561,7 @@ class Dispatcher:
             single_attempt=job.is_test,
             retry_after=state.retry_after,
             note=state.note,
+            webhook_id=job.webhook_id,
         )
 
     # --- the writer -------------------------------------------------------------------------

@@ -141,6 +141,10 @@ class Webhook(SQLModel, table=True):
         default=None, sa_column=Column(UTCDateTime(), nullable=True)
     )
     active: bool = Field(default=True)
+    # "failing" when the service switched it off after a long failure streak (None otherwise).
+    disabled_reason: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
+    # When the current failure streak began (the first delivery to fail since the last success).
+    failing_since: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
@@ -345,6 +349,8 @@ class WebhookPublic(_Public):
     events: list[str]
     description: str | None
     active: bool
+    disabled_reason: str | None = None
+    failing_since: datetime | None = None
     created_at: datetime
     updated_at: datetime
 
@@ -417,6 +423,7 @@ class AdminOverview(BaseModel):
     `failing_before`)."""
 
     teams: list[TeamPublic]
+    switched_off: list[WebhookPublic] = []  # auto-disabled webhooks, listed first
     webhooks: list[WebhookSummary]
     failing: list[FailingDelivery]
     next_webhooks: int | None = None

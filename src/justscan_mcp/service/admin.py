@@ -31,7 +31,7 @@ class AdminQueries(UseCases):
     ) -> AdminOverview:
         """One page of the operator's view across teams: webhooks with their last outcome, and
         the newest failed or retrying deliveries, each list paged on its own. A fixed number of
-        queries (six), whatever the page size.
+        queries (seven), whatever the page size.
 
         Raises:
             InvalidInput: a malformed page position.
@@ -48,9 +48,12 @@ class AdminQueries(UseCases):
             )
             for d, attempt, url in failing_rows[:limit]
         ]
-        teams = self.store.teams_by_id(sorted({w.team_id for w in hooks} | {f.team_id for f in failing}))
+        switched_off = [WebhookPublic.model_validate(w) for w in self.store.switched_off(limit=limit)]
+        named = {w.team_id for w in hooks} | {f.team_id for f in failing} | {w.team_id for w in switched_off}
+        teams = self.store.teams_by_id(sorted(named))
         return AdminOverview(
             teams=[TeamPublic.model_validate(t) for _, t in sorted(teams.items())],
+            switched_off=switched_off,
             webhooks=self.with_last_delivery(hooks),
             failing=failing,
             next_webhooks=hooks[-1].id if len(rows) > limit else None,

@@ -390,12 +390,14 @@ class Outbox(Database):
             )
             rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
             mine: list[AttemptResult] = []
+            cancelled: set[int] = set()
             for r in results:
                 owner, state = rows.get(r.delivery_id, (None, None))
                 if owner is not None and owner == r.claim:
                     if state not in OPEN_STATES:
                         # Cancelled under the send: log what happened, keep the final state.
                         r = replace(r, state=state, next_attempt_at=None)
+                        cancelled.add(r.delivery_id)
                     mine.append(r)
                 elif state is None:
                     log.info("delivery %s was deleted with its webhook while it was sent", r.delivery_id)
@@ -429,7 +431,35 @@ class Outbox(Database):
                     for r in mine
                 ],
             )
+            self._note_streaks(cur, [r for r in mine if r.delivery_id not in cancelled], stamp)
             return [r.delivery_id for r in mine]
+
+    def _note_streaks(self, cur: Any, results: Sequence[AttemptResult], stamp: Any) -> None:
+        """Keep each webhook's `failing_since`: a delivery that succeeds ends the streak, one
+        that ends `failed` starts it when none runs. Test deliveries do not count."""
+        m = self._mark
+        last: dict[int, tuple[bool, bool]] = {}  # webhook -> (streak now, a success seen in this batch)
+        for r in results:
+            if r.webhook_id is None or r.single_attempt or r.state not in ("succeeded", "failed"):
+                continue
+            ok = r.state == "succeeded"
+            _, reset = last.get(r.webhook_id, (False, False))
+            last[r.webhook_id] = (not ok, reset or ok)
+        ended = [(hook,) for hook, (failing, _) in last.items() if not failing]
+        fresh = [(stamp, hook) for hook, (failing, reset) in last.items() if failing and reset]
+        begun = [(stamp, hook) for hook, (failing, reset) in last.items() if failing and not reset]
+        if ended:
+            cur.executemany(
+                f"UPDATE webhooks SET failing_since = NULL WHERE id = {m} AND failing_since IS NOT NULL",  # noqa: S608
+                ended,
+            )
+        if fresh:
+            cur.executemany(f"UPDATE webhooks SET failing_since = {m} WHERE id = {m}", fresh)  # noqa: S608
+        if begun:
+            cur.executemany(
+                f"UPDATE webhooks SET failing_since = {m} WHERE id = {m} AND failing_since IS NULL",  # noqa: S608
+                begun,
+            )
 
     def redeliver(self, *, team_id: int, delivery_id: int, now: datetime) -> Delivery | None:
         """A new pending delivery of the same event to the same webhook, linked to the original.
@@ -611,3 +641,4 @@ class AttemptResult:
     single_attempt: bool = False  # a test delivery: a failure ends it
     retry_after: float | None = None  # the receiver's Retry-After (seconds) that set the next time
     note: str | None = None  # why the delivery ended early (410 Gone), for the log
+    webhook_id: int | None = None  # for the webhook's failure streak (`failing_since`)

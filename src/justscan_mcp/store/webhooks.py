@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, func, or_, update
 from sqlmodel import col, select
 
 from justscan_mcp.models import (
@@ -67,8 +67,14 @@ class WebhookRepository(Database):
             ).first()
             if webhook is None:
                 return None
+            was_active = webhook.active
             for name, value in values.items():
                 setattr(webhook, name, value)
+            if values.get("active") is True and not was_active:
+                # Switched on by hand: the reason is gone, and the streak starts again from the
+                # next failure (else the old streak would switch it off again at once).
+                webhook.disabled_reason = None
+                webhook.failing_since = None
             webhook.updated_at = now
             s.add(webhook)
             if values.get("active") is False:
@@ -130,3 +136,62 @@ class WebhookRepository(Database):
         """Operator access (CLI), not scoped to a team."""
         with self.session() as s:
             return s.get(Webhook, webhook_id)
+
+    def switched_off(self, *, limit: int) -> Sequence[Webhook]:
+        """Operator view: webhooks switched off for failing, longest failing first."""
+        with self.session() as s:
+            return s.exec(
+                select(Webhook)
+                .where(col(Webhook.disabled_reason) == "failing")
+                .order_by(col(Webhook.failing_since), col(Webhook.id))
+                .limit(limit)
+            ).all()
+
+    def disable_failing(self, *, started_before: datetime, now: datetime, min_failed: int = 3) -> list[int]:
+        """Switch off every active webhook whose failure streak began before `started_before`
+        and holds at least `min_failed` failed deliveries (not tests, not cancelled by hand):
+        `active` false, `disabled_reason` "failing", and its open deliveries end `failed` with a
+        note naming the streak. Nothing is deleted: recovery re-sends them. Returns the ids.
+
+        Raises:
+            StoreUnavailable.
+        """
+        with self.session(write=True) as s:
+            failed = (
+                select(func.count())
+                .select_from(Delivery)
+                .where(col(Delivery.webhook_id) == col(Webhook.id))
+                .where(col(Delivery.state) == "failed")
+                .where(col(Delivery.is_test).is_(False))
+                .where(col(Delivery.updated_at) >= col(Webhook.failing_since))
+                .where(or_(col(Delivery.note).is_(None), ~col(Delivery.note).startswith("cancelled")))
+                .scalar_subquery()
+            )
+            hooks = s.exec(
+                select(Webhook)
+                .where(col(Webhook.active))
+                .where(col(Webhook.failing_since).is_not(None))
+                .where(col(Webhook.failing_since) < started_before)
+                .where(failed >= min_failed)
+                .with_for_update()
+            ).all()
+            for hook in hooks:
+                assert hook.failing_since is not None
+                since = hook.failing_since.isoformat(timespec="seconds").replace("+00:00", "Z")
+                hook.active = False
+                hook.disabled_reason = "failing"
+                hook.updated_at = now
+                s.add(hook)
+                s.execute(
+                    update(Delivery)
+                    .where(col(Delivery.webhook_id) == hook.id)
+                    .where(col(Delivery.state).in_(OPEN_STATES))
+                    .where(col(Delivery.is_test).is_(False))
+                    .values(
+                        state="failed",
+                        next_attempt_at=None,
+                        note=f"cancelled: webhook disabled after failing since {since}",
+                        updated_at=now,
+                    )
+                )
+            return [h.id for h in hooks if h.id is not None]
