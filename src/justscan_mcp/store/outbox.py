@@ -431,35 +431,56 @@ class Outbox(Database):
                     for r in mine
                 ],
             )
-            self._note_streaks(cur, [r for r in mine if r.delivery_id not in cancelled], stamp)
-            return [r.delivery_id for r in mine]
+            changes = self._streak_changes(cur, [r for r in mine if r.delivery_id not in cancelled], stamp)
+            applied = [r.delivery_id for r in mine]
+        # The streaks in a transaction of their own, after the deliveries' locks are released:
+        # taking webhook rows while holding delivery rows would deadlock against a deactivation,
+        # which takes them the other way round. `failing_since` is derived; the next result
+        # corrects it should this process stop in between.
+        if changes:
+            with self._driver(write=True) as cur:
+                for sql, params in changes:
+                    cur.executemany(sql, params)
+        return applied
 
-    def _note_streaks(self, cur: Any, results: Sequence[AttemptResult], stamp: Any) -> None:
-        """Keep each webhook's `failing_since`: a delivery that succeeds ends the streak, one
-        that ends `failed` starts it when none runs. Test deliveries do not count."""
+    def _streak_changes(
+        self, cur: Any, results: Sequence[AttemptResult], stamp: Any
+    ) -> list[tuple[str, list[Any]]]:
+        """What `failing_since` must become for the webhooks of these results: a delivery that
+        succeeds ends the streak, one that ends `failed` starts it when none runs. Test
+        deliveries do not count. Reads the current streaks (no lock) so that the common case, a
+        success where none runs, writes nothing. Returns (statement, rows) pairs."""
         m = self._mark
-        last: dict[int, tuple[bool, bool]] = {}  # webhook -> (streak now, a success seen in this batch)
+        last: dict[int, tuple[bool, bool]] = {}  # webhook -> (failing now, a success in this batch)
         for r in results:
             if r.webhook_id is None or r.single_attempt or r.state not in ("succeeded", "failed"):
                 continue
             ok = r.state == "succeeded"
             _, reset = last.get(r.webhook_id, (False, False))
             last[r.webhook_id] = (not ok, reset or ok)
-        ended = [(hook,) for hook, (failing, _) in last.items() if not failing]
+        if not last:
+            return []
+        cur.execute(
+            f"SELECT id FROM webhooks WHERE id IN ({self._marks(len(last))}) AND failing_since IS NOT NULL",  # noqa: S608
+            list(last),
+        )
+        running = {row[0] for row in cur.fetchall()}
+        ended = [(hook,) for hook, (failing, _) in last.items() if not failing and hook in running]
         fresh = [(stamp, hook) for hook, (failing, reset) in last.items() if failing and reset]
-        begun = [(stamp, hook) for hook, (failing, reset) in last.items() if failing and not reset]
+        begun = [
+            (stamp, hook)
+            for hook, (failing, reset) in last.items()
+            if failing and not reset and hook not in running
+        ]
+        changes: list[tuple[str, list[Any]]] = []
         if ended:
-            cur.executemany(
-                f"UPDATE webhooks SET failing_since = NULL WHERE id = {m} AND failing_since IS NOT NULL",  # noqa: S608
-                ended,
-            )
+            changes.append((f"UPDATE webhooks SET failing_since = NULL WHERE id = {m}", ended))  # noqa: S608
         if fresh:
-            cur.executemany(f"UPDATE webhooks SET failing_since = {m} WHERE id = {m}", fresh)  # noqa: S608
+            changes.append((f"UPDATE webhooks SET failing_since = {m} WHERE id = {m}", fresh))  # noqa: S608
         if begun:
-            cur.executemany(
-                f"UPDATE webhooks SET failing_since = {m} WHERE id = {m} AND failing_since IS NULL",  # noqa: S608
-                begun,
-            )
+            sql = f"UPDATE webhooks SET failing_since = {m} WHERE id = {m} AND failing_since IS NULL"  # noqa: S608
+            changes.append((sql, begun))
+        return changes
 
     def redeliver(self, *, team_id: int, delivery_id: int, now: datetime) -> Delivery | None:
         """A new pending delivery of the same event to the same webhook, linked to the original.
