@@ -79,8 +79,8 @@ def parse_positive_float(name: str, raw: str) -> float:
     return value
 
 
-def parse_seconds_or_zero(name: str, raw: str) -> float:
-    """A finite number of seconds, 0 or more (0 turns the feature off).
+def _non_negative(name: str, raw: str, unit: str) -> float:
+    """A finite number of `unit`, 0 or more.
 
     Raises:
         ConfigError: when the value is not such a number.
@@ -88,25 +88,20 @@ def parse_seconds_or_zero(name: str, raw: str) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a number of seconds") from None
+        raise ConfigError(f"{name}: {raw!r} is not a number of {unit}") from None
     if not 0 <= value < float("inf"):
-        raise ConfigError(f"{name}: must be a number of seconds, 0 or more, got {raw!r}")
+        raise ConfigError(f"{name}: must be a number of {unit}, 0 or more, got {raw!r}")
     return value
+
+
+def parse_seconds_or_zero(name: str, raw: str) -> float:
+    """A finite number of seconds, 0 or more (0 turns the feature off). Raises: ConfigError."""
+    return _non_negative(name, raw, "seconds")
 
 
 def parse_retention_days(name: str, raw: str) -> float:
-    """Days to keep finished deliveries: a finite number >= 0, decimals allowed; 0 keeps all.
-
-    Raises:
-        ConfigError: when the value is not such a number.
-    """
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: {raw!r} is not a number of days") from None
-    if not 0 <= value < float("inf"):
-        raise ConfigError(f"{name}: must be a number of days, 0 or more, got {raw!r}")
-    return value
+    """Days to keep finished deliveries, decimals allowed; 0 keeps all. Raises: ConfigError."""
+    return _non_negative(name, raw, "days")
 
 
 def parse_in_flight(name: str, raw: str) -> int:
