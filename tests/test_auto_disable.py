@@ -120,9 +120,10 @@ def test_the_dashboard_and_admin_area_show_a_switched_off_webhook_and_recover_it
     with app.store.session(write=True) as s:
         s.execute(update(Delivery).where(Delivery.id.in_(ids)).values(state="failed", next_attempt_at=None))  # type: ignore[attr-defined]
         s.execute(update(Webhook).where(Webhook.id == w.id).values(failing_since=now - timedelta(days=2)))
-    assert app.store.disable_failing(started_before=now - timedelta(days=1), now=now) == [w.id]
+    # The check is database-wide: other tests' webhooks share this database, so look at ours.
+    assert w.id in app.store.disable_failing(started_before=now - timedelta(days=1), now=now)
     overview = app.service.admin_overview()
-    assert [h.id for h in overview.switched_off] == [w.id]
+    assert w.id in [h.id for h in overview.switched_off]
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=Starlette(routes=build_dashboard(app)))
