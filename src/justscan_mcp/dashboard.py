@@ -134,8 +134,7 @@ class Visit:
 
     session: DashboardSession
     principal: Principal | None
-    team_name: str | None = None  # what the header shows instead of bare ids
-    key_label: str | None = None
+    team_name: str | None = None  # what the header shows instead of the team's bare id
 
     @property
     def can_write(self) -> bool:
@@ -237,8 +236,7 @@ class Dashboard:
             return None
         if principal is None:
             return Visit(session, None)
-        team_name, key_label = await in_thread(self.service.describe_key, principal)
-        return Visit(session, principal, team_name, key_label)
+        return Visit(session, principal, await in_thread(self.service.team_name, principal.team_id))
 
     async def form_of(self, request: Request, v: Visit | None) -> dict[str, Any] | Response:
         """The POSTed form, after the CSRF and Origin checks."""

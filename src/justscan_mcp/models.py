@@ -472,6 +472,7 @@ class Principal(BaseModel):
     team_id: int
     scopes: frozenset[str]
     mcp_enabled: bool
+    label: str = ""  # the key's name, or its visible prefix, for people to read
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes

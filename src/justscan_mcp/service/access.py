@@ -37,7 +37,11 @@ DASHBOARD_SESSION_TTL = timedelta(hours=12)
 def _principal(key: ApiKey) -> Principal:
     assert key.id is not None
     return Principal(
-        key_id=key.id, team_id=key.team_id, scopes=frozenset(key.scopes), mcp_enabled=key.mcp_enabled
+        key_id=key.id,
+        team_id=key.team_id,
+        scopes=frozenset(key.scopes),
+        mcp_enabled=key.mcp_enabled,
+        label=key.name or f"{key.prefix}…",
     )
 
 
@@ -187,12 +191,10 @@ class AccessUseCases(UseCases):
         """
         return Operator(team_id=self._require_team(team_id))
 
-    def describe_key(self, principal: Principal) -> tuple[str | None, str | None]:
-        """The team's name and the key's name (or its visible prefix), for people to read."""
-        team = self.store.get_team(principal.team_id)
-        key = self.store.get_api_key(principal.key_id)
-        label = (key.name or f"{key.prefix}…") if key is not None else None
-        return (team.name if team is not None else None), label
+    def team_name(self, team_id: int) -> str | None:
+        """The team's name, for people to read (None once the team is gone)."""
+        team = self.store.get_team(team_id)
+        return team.name if team is not None else None
 
     @staticmethod
     def require_mcp(principal: Principal) -> None:
