@@ -49,6 +49,7 @@ RANK = {
     "security": 3,
     "targets": 3,
     "retry": 3,
+    "ratelimit": 3,
     "events": 3,
     "threads": 3,
     "signing": 4,

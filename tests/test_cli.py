@@ -123,6 +123,28 @@ def test_webhook_create_refusals_name_the_field_and_store_nothing(
     assert ok_json(db_url, "webhook", "list", "--team", str(team["id"])) == []
 
 
+def test_webhook_rate_limit_from_the_command_line(db_url: str):
+    team = ok_json(db_url, "team", "create", f"rate-{os.getpid()}-{len(db_url)}")
+    base = ["--team", str(team["id"])]
+    hook = ok_json(
+        db_url,
+        "webhook",
+        "create",
+        *base,
+        "--url",
+        "https://93.184.216.34/r",
+        "--events",
+        "scan",
+        "--rate-limit",
+        "20",
+    )
+    assert hook["rate_limit"] == 20
+    proc = run(db_url, "webhook", "update", str(hook["id"]), *base, "--rate-limit", "0", "--json")
+    assert proc.returncode == 1 and json.loads(proc.stderr)["field"] == "rate_limit"
+    changed = ok_json(db_url, "webhook", "update", str(hook["id"]), *base, "--rate-limit", "none")
+    assert changed["rate_limit"] is None
+
+
 def test_webhook_delete_of_another_teams_id_is_not_found(db_url: str):
     mine = ok_json(db_url, "team", "create", f"mine-{os.getpid()}-{len(db_url)}")
     theirs = ok_json(db_url, "team", "create", f"theirs-{os.getpid()}-{len(db_url)}")

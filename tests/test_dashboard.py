@@ -127,6 +127,9 @@ def test_create_shows_the_secret_once_and_bad_input_names_the_field(dash: HttpSe
         ({"url": PUBLIC_URL}, "events"),
         ({"url": PUBLIC_URL, "events": ["scan", "nope"]}, "events"),
         ({"url": PUBLIC_URL, "events": ["scan"], "description": "x" * 501}, "description"),
+        ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": "0"}, "rate_limit"),
+        ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": "1001"}, "rate_limit"),
+        ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": "fast"}, "rate_limit"),
     ]:
         bad = c.post("/webhooks", data=data | {"csrf": csrf})
         assert bad.status_code == 422 and f"{field}:" in bad.text, (data, bad.text[:400])
@@ -143,7 +146,23 @@ def test_edit_disable_enable_rotate_and_delete_with_a_confirm_step(dash: HttpSer
     assert edited.status_code == 200 and "Webhook saved." in edited.text
     assert "&lt;i&gt;ops&lt;/i&gt;" in edited.text and "<i>ops</i>" not in edited.text
     got = app.service.get_webhook(principal=kit.principal(), webhook_id=hook.id)
-    assert got.events == ["form_submit"] and got.description == "<i>ops</i>"
+    assert got.events == ["form_submit"] and got.description == "<i>ops</i>" and got.rate_limit is None
+    limited = c.post(
+        f"/webhooks/{hook.id}/edit",
+        data={"csrf": csrf, "url": PUBLIC_URL, "events": ["form_submit"], "rate_limit": "12"},
+    )
+    assert "<span data-rate-limit>12</span> per second" in limited.text
+    assert app.service.get_webhook(principal=kit.principal(), webhook_id=hook.id).rate_limit == 12
+    bad = c.post(
+        f"/webhooks/{hook.id}/edit",
+        data={"csrf": csrf, "url": PUBLIC_URL, "events": ["form_submit"], "rate_limit": "0"},
+    )
+    assert bad.status_code == 422 and "rate_limit:" in bad.text
+    unlimited = c.post(
+        f"/webhooks/{hook.id}/edit", data={"csrf": csrf, "url": PUBLIC_URL, "events": ["form_submit"]}
+    )
+    assert "data-rate-limit" not in unlimited.text
+    assert app.service.get_webhook(principal=kit.principal(), webhook_id=hook.id).rate_limit is None
     off = c.post(f"/webhooks/{hook.id}/active", data={"csrf": csrf, "active": "false"})
     assert "Webhook disabled" in off.text and "Enable" in off.text
     assert app.service.get_webhook(principal=kit.principal(), webhook_id=hook.id).active is False

@@ -115,6 +115,8 @@ BAD_CALLS = [
     ("create_webhook", {"url": PUBLIC_URL, "events": ["scan", "scan"]}, "events"),
     ("create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "description": "d" * 501}, "description"),
     ("create_webhook", {"events": ["scan"]}, "url"),
+    ("create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "rate_limit": 0}, "rate_limit"),
+    ("create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "rate_limit": 5000}, "rate_limit"),
     ("delete_webhook", {"webhook_id": -1}, "webhook_id"),
     ("delete_webhook", {"webhook_id": 987654321}, "webhook 987654321 does not exist"),
     ("list_webhooks", {"limit": 0}, "limit"),

@@ -184,6 +184,10 @@ BAD_BODIES = [
     ({"url": PUBLIC_URL, "events": ["scan"], "description": "d" * 501}, "description"),
     ({"url": PUBLIC_URL, "events": ["scan"], "description": 7}, "description"),
     ({"url": PUBLIC_URL, "events": ["scan"], "secret": "mine"}, "secret"),
+    ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": 0}, "rate_limit"),
+    ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": 1001}, "rate_limit"),
+    ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": "5"}, "rate_limit"),
+    ({"url": PUBLIC_URL, "events": ["scan"], "rate_limit": 2.5}, "rate_limit"),
     ({"events": ["scan"]}, "url"),
     ({"url": 5, "events": ["scan"]}, "url"),
 ]

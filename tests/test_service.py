@@ -62,6 +62,9 @@ BAD_CREATES = [
     ({"events": "scan"}, "events"),
     ({"description": "d" * 501}, "description"),
     ({"description": 5}, "description"),
+    ({"rate_limit": 0}, "rate_limit"),
+    ({"rate_limit": 1001}, "rate_limit"),
+    ({"rate_limit": "7"}, "rate_limit"),
 ]
 
 

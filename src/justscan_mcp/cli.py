@@ -298,6 +298,7 @@ def cmd_webhook_create(args: argparse.Namespace) -> None:
         url=args.url,
         events=_events_arg(args.events),
         description=args.description,
+        rate_limit=args.rate_limit,
     )
     _emit(args, created, lambda w: f"{_webhook_line(w)}\nsecret (shown once): {w['secret']}")
 
@@ -340,6 +341,8 @@ def cmd_webhook_update(args: argparse.Namespace) -> None:
         changes["description"] = args.description  # "" clears it (inputs.normalise_description)
     if args.active is not None:
         changes["active"] = args.active
+    if args.rate_limit is not None:
+        changes["rate_limit"] = None if args.rate_limit == "none" else args.rate_limit
     service = _app(args).service
     updated = service.update_webhook(
         principal=service.operator(team_id=args.team), webhook_id=args.id, changes=changes
@@ -542,6 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--events", required=True, help="comma-separated: scan,first_scan,form_submit,file_download"
     )
     p.add_argument("--description")
+    p.add_argument("--rate-limit", type=int, metavar="N", help="at most N deliveries per second (1-1000)")
     p.add_argument(
         "--allow-private-targets", action="store_true", help="allow http:// and private targets (development)"
     )
@@ -558,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--description", help='new note; "" clears it')
     p.add_argument("--active", dest="active", action="store_true", default=None)
     p.add_argument("--inactive", dest="active", action="store_false")
+    p.add_argument(
+        "--rate-limit",
+        type=lambda v: v if v == "none" else int(v),
+        metavar="N",
+        help='at most N deliveries per second (1-1000); "none" removes the limit',
+    )
     p.add_argument(
         "--allow-private-targets", action="store_true", help="allow http:// and private targets (development)"
     )

@@ -95,6 +95,18 @@ templates = Environment(
 templates.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
 
 
+def rate_limit_of(data: dict[str, Any]) -> Any:
+    """The form's rate limit: empty is none; anything but a whole number is passed on as text, so
+    the service refuses it naming `rate_limit`."""
+    raw = str(data.get("rate_limit") or "").strip()
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        return raw
+
+
 def status_of(exc: JustScanError) -> int:
     """The HTTP status of a refused action: the REST API's, from the one table."""
     return http_status(exc)[0]
@@ -379,6 +391,7 @@ class Dashboard:
                 url=str(data.get("url") or "").strip(),
                 events=data.get("events") or [],
                 description=str(data.get("description") or ""),
+                rate_limit=rate_limit_of(data),
             )
         except SHOWN_ON_PAGE as exc:
             return await self.webhook_list(request, v, status=status_of(exc), error=exc, form=data)
@@ -459,6 +472,7 @@ class Dashboard:
             "url": str(data.get("url") or "").strip(),
             "events": data.get("events") or [],
             "description": str(data.get("description") or ""),
+            "rate_limit": rate_limit_of(data),
         }
         await self.run("update_webhook", v, webhook_id=wid, **changes)
         return self.redirect(f"/webhooks/{wid}", notice="updated")

@@ -52,7 +52,15 @@ from justscan_mcp.errors import StoreUnavailable
 from justscan_mcp.models import utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, SendResult, delivery_headers
-from justscan_mcp.store import NOTIFY_CHANNEL, AttemptResult, Claimed, NewestDeliveryProbe, Purged, Store
+from justscan_mcp.store import (
+    NOTIFY_CHANNEL,
+    AttemptResult,
+    Claimed,
+    Claims,
+    NewestDeliveryProbe,
+    Purged,
+    Store,
+)
 
 log = logging.getLogger("justscan_mcp.dispatcher")
 
@@ -384,17 +392,17 @@ class Dispatcher:
         slow = sorted(self._slow) if slow_room > 0 else []
         return excluded, main_limit, slow, slow_room
 
-    def _claim(self, plan: tuple[list[int], int, list[int], int]) -> tuple[list[Claimed], list[Claimed]]:
+    def _claim(self, plan: tuple[list[int], int, list[int], int]) -> tuple[Claims, Claims]:
         """Both claims of one pump round, in a database thread."""
         excluded, main_limit, slow, slow_limit = plan
         now = self.clock()
         lease = self.settings.lease_seconds
-        main: list[Claimed] = []
+        main = Claims([])
         if main_limit > 0:
             main = self.store.claim_due(
                 claim=secrets.token_hex(12), now=now, lease_seconds=lease, limit=main_limit, exclude=excluded
             )
-        lane: list[Claimed] = []
+        lane = Claims([])
         if slow and slow_limit > 0:
             lane = self.store.claim_due(
                 claim=secrets.token_hex(12), now=now, lease_seconds=lease, limit=slow_limit, only=slow
@@ -426,6 +434,10 @@ class Dispatcher:
                     await self._pause(delay)
                     delay = min(delay * 2, 10.0)
                     continue
+                for batch in (main, lane):
+                    # A rate-limited webhook held back: claim from it again when its gate opens.
+                    if batch.gate_opens_at is not None:
+                        self._wake_at(batch.gate_opens_at)
                 for job in main:
                     self._launch(job, slow=False)
                 for job in lane:

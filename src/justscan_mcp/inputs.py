@@ -39,6 +39,7 @@ from justscan_mcp.models import (
     URL_MAX_LENGTH,
     EventName,
 )
+from justscan_mcp.ratelimit import RATE_LIMIT_MAX, RATE_LIMIT_MIN
 from justscan_mcp.retry import DeliveryState
 
 DEFAULT_ROTATION_GRACE = 24 * 3600
@@ -97,6 +98,16 @@ Cursor = Annotated[
         description="next_cursor from the previous page; omit for the first page.",
     ),
 ]
+RateLimit = Annotated[
+    int | None,
+    Field(
+        ge=RATE_LIMIT_MIN,
+        le=RATE_LIMIT_MAX,
+        description="At most this many deliveries per second to this webhook, 1 to 1000, across all "
+        "workers (bursts of at most one second's worth); null means no limit. Deliveries over it wait "
+        "in the queue.",
+    ),
+]
 GraceSeconds = Annotated[
     int,
     Field(
@@ -134,6 +145,7 @@ class WebhookCreate(Input):
         ),
     ]
     description: Description = None
+    rate_limit: RateLimit = None
 
 
 class WebhookUpdate(Input):
@@ -151,6 +163,7 @@ class WebhookUpdate(Input):
         bool | None,
         Field(description="false pauses the webhook: it receives nothing and its queued deliveries end."),
     ] = None
+    rate_limit: RateLimit = None
 
 
 class SecretRotation(Input):

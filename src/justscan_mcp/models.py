@@ -145,6 +145,11 @@ class Webhook(SQLModel, table=True):
     disabled_reason: str | None = Field(default=None, sa_column=Column(String(16), nullable=True))
     # When the current failure streak began (the first delivery to fail since the last success).
     failing_since: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    # Deliveries per second (None: unlimited), and the bucket every process shares (ratelimit.py):
+    # its theoretical arrival time and when claims may take from this webhook again.
+    rate_limit: int | None = Field(default=None, sa_column=Column(Integer, nullable=True))
+    rate_tat: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    rate_open_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     updated_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
 
@@ -349,6 +354,7 @@ class WebhookPublic(_Public):
     events: list[str]
     description: str | None
     active: bool
+    rate_limit: int | None = None
     disabled_reason: str | None = None
     failing_since: datetime | None = None
     created_at: datetime

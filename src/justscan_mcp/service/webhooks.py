@@ -30,7 +30,7 @@ from justscan_mcp.service.base import UseCases, webhook_not_found
 from justscan_mcp.service.validators import parse
 from justscan_mcp.targets import validate_webhook_url
 
-UPDATABLE = ("url", "events", "description", "active")
+UPDATABLE = ("url", "events", "description", "active", "rate_limit")
 
 
 class WebhookUseCases(UseCases):
@@ -42,14 +42,23 @@ class WebhookUseCases(UseCases):
         )
 
     def create_webhook(
-        self, *, principal: Caller, url: str, events: Sequence[str], description: str | None = None
+        self,
+        *,
+        principal: Caller,
+        url: str,
+        events: Sequence[str],
+        description: str | None = None,
+        rate_limit: int | None = None,
     ) -> WebhookCreated:
         """Create a webhook for the caller's team; the result is the only place its secret is shown.
 
         Raises:
-            InvalidInput (url, events, description).
+            InvalidInput (url, events, description, rate_limit).
         """
-        given = parse(WebhookCreate, {"url": url, "events": events, "description": description})
+        given = parse(
+            WebhookCreate,
+            {"url": url, "events": events, "description": description, "rate_limit": rate_limit},
+        )
         checked_url = self._checked_url(given.url)
         now = self.clock()
         webhook = self.store.add_webhook(
@@ -58,6 +67,7 @@ class WebhookUseCases(UseCases):
                 url=checked_url,
                 events=list(given.events),
                 description=given.description,
+                rate_limit=given.rate_limit,
                 secret=generate_webhook_secret(),
                 active=True,
                 created_at=now,
@@ -101,8 +111,8 @@ class WebhookUseCases(UseCases):
     def update_webhook(
         self, *, principal: Caller, webhook_id: int, changes: Mapping[str, Any]
     ) -> WebhookPublic:
-        """Change the fields given (url, events, description, active), each checked as strictly as
-        at creation. Deactivating also ends the webhook's queued deliveries.
+        """Change the fields given (url, events, description, active, rate_limit), each checked as
+        strictly as at creation (a null rate_limit removes the limit). Deactivating also ends the webhook's queued deliveries.
 
         Raises:
             InvalidInput (the field, or ``body`` when nothing or an unknown field is given), NotFound.
@@ -114,7 +124,7 @@ class WebhookUseCases(UseCases):
         given = parse(WebhookChange, {"webhook_id": webhook_id, **changes})
         named = [f for f in UPDATABLE if f in given.model_fields_set]
         if not named:
-            raise InvalidInput("body", "give at least one of url, events, description, active")
+            raise InvalidInput("body", f"give at least one of {', '.join(UPDATABLE)}")
         values: dict[str, Any] = {name: getattr(given, name) for name in named}
         if values.get("active", False) is None:
             raise InvalidInput("active", "must be true or false")

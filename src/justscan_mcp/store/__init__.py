@@ -25,6 +25,7 @@ from justscan_mcp.store.outbox import (
     NOTIFY_CHANNEL,
     AttemptResult,
     Claimed,
+    Claims,
     NewestDeliveryProbe,
     Outbox,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "AccessRepository",
     "AttemptResult",
     "Claimed",
+    "Claims",
     "Database",
     "DeliveryLog",
     "NewestDeliveryProbe",

@@ -32,6 +32,7 @@ from justscan_mcp.models import (
     Webhook,
     storable_text,
 )
+from justscan_mcp.ratelimit import take
 from justscan_mcp.store.db import Database
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class Outbox(Database):
         limit: int,
         exclude: Sequence[int] = (),
         only: Sequence[int] | None = None,
-    ) -> list[Claimed]:
+    ) -> Claims:
         """Lease up to `limit` due deliveries to the claim token `claim`, atomically.
 
         Due: pending or retrying, next attempt time reached, and no live lease (an expired lease
@@ -269,6 +270,10 @@ class Outbox(Database):
         own token: a process that stalled past its lease and claimed the same rows again cannot
         save the first claim's results over the second's. The lease runs `lease_seconds` from
         the database's clock when the statement runs.
+
+        A webhook with a rate limit is claimed from only while its gate is open; what the claim
+        took past the tokens in its bucket is given back at once, and the gate closes until
+        tokens are back (`Claims.gate_opens_at` says when). Test deliveries pass the gate.
 
         PostgreSQL locks the rows it picks with FOR UPDATE SKIP LOCKED so concurrent claimers take
         disjoint sets without waiting; SQLite runs the whole UPDATE under its single write lock.
@@ -292,18 +297,22 @@ class Outbox(Database):
             " WHERE id IN ("
             " SELECT d.id FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
             f" WHERE (w.active OR d.is_test) AND d.{OPEN_STATES_SQL} AND d.next_attempt_at <= {m}"
+            f" AND (w.rate_open_at IS NULL OR w.rate_open_at <= {m} OR d.is_test)"
             f" AND (d.lease_expires_at IS NULL OR d.lease_expires_at < {self._db_now()}){which}"
             f" ORDER BY d.next_attempt_at, d.id LIMIT {m}{lock}"
             ") RETURNING id"
         )
         with self._driver(write=True) as cur:
-            cur.execute(claim_sql, (claim, float(lease_seconds), dt(now), *exclude, *(only or ()), limit))
+            cur.execute(
+                claim_sql,
+                (claim, float(lease_seconds), dt(now), dt(now), *exclude, *(only or ()), limit),
+            )
             ids = [row[0] for row in cur.fetchall()]
             if not ids:
-                return []
+                return Claims([])
             cur.execute(
                 "SELECT d.id, d.webhook_id, d.event, d.is_test, d.attempt_count, w.url, w.secret,"  # noqa: S608
-                " w.previous_secret, w.previous_secret_expires_at, e.payload"
+                " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit"
                 " FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
                 f" JOIN events e ON e.id = d.event_id WHERE d.id IN ({self._marks(len(ids))})"
                 " ORDER BY d.id",
@@ -312,9 +321,12 @@ class Outbox(Database):
             rows = cur.fetchall()
         read_dt = self._dt_result
         claimed = []
-        for did, hook_id, ev, is_test, count, url, secret, prev, prev_until, payload in rows:
+        limited: dict[int, list[int]] = {}
+        for did, hook_id, ev, is_test, count, url, secret, prev, prev_until, payload, rate in rows:
             prev_until = read_dt(prev_until)
             live_prev = bool(prev) and prev_until is not None and prev_until > now
+            if rate is not None and not is_test:
+                limited.setdefault(hook_id, []).append(did)
             claimed.append(
                 Claimed(
                     delivery_id=did,
@@ -328,7 +340,56 @@ class Outbox(Database):
                     claim=claim,
                 )
             )
-        return claimed
+        if not limited:
+            return Claims(claimed)
+        held, opens_at = self._take_tokens(claim=claim, wanted=limited, now=now)
+        return Claims([c for c in claimed if c.delivery_id not in held], gate_opens_at=opens_at)
+
+    def _take_tokens(
+        self, *, claim: str, wanted: dict[int, list[int]], now: datetime
+    ) -> tuple[set[int], datetime | None]:
+        """Take tokens from the buckets of rate-limited webhooks for the deliveries a claim took
+        (`wanted`: webhook id -> delivery ids, oldest first), give back the deliveries over the
+        limit, and close the gates. Returns the given-back ids and the earliest gate opening.
+
+        One transaction, apart from the claim's: it locks webhook rows (in id order) and then
+        delivery rows, the order a deactivation takes them in; inside the claim, which holds
+        delivery rows, it could deadlock against one."""
+        m = self._mark
+        dt = self._dt_bind
+        read_dt = self._dt_result
+        lock = " FOR UPDATE" if self.backend == "postgresql" else ""
+        hooks = sorted(wanted)
+        held: list[int] = []
+        opens: list[datetime] = []
+        with self._driver(write=True) as cur:
+            cur.execute(
+                f"SELECT id, rate_limit, rate_tat FROM webhooks WHERE id IN ({self._marks(len(hooks))})"  # noqa: S608
+                f" ORDER BY id{lock}",
+                hooks,
+            )
+            updates = []
+            for hook_id, rate, tat in cur.fetchall():
+                ids = wanted[hook_id]
+                if rate is None:  # the limit was removed since the claim
+                    continue
+                grant = take(rate=rate, tat=read_dt(tat), now=now, wanted=len(ids))
+                held.extend(ids[grant.granted :])
+                if grant.open_at is not None:
+                    opens.append(grant.open_at)
+                updates.append((dt(grant.tat), dt(grant.open_at), hook_id))
+            if updates:
+                cur.executemany(
+                    f"UPDATE webhooks SET rate_tat = {m}, rate_open_at = {m} WHERE id = {m}",  # noqa: S608
+                    updates,
+                )
+            if held:
+                cur.execute(
+                    "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL"  # noqa: S608
+                    f" WHERE id IN ({self._marks(len(held))}) AND lease_owner = {m}",
+                    [*held, claim],
+                )
+        return set(held), min(opens, default=None)
 
     def release(self, *, claim: str, delivery_ids: Sequence[int]) -> None:
         """Give back claimed deliveries that were not sent (over a webhook's in-flight cap): they
@@ -348,20 +409,27 @@ class Outbox(Database):
             )
 
     def next_due_after(self, when: datetime) -> datetime | None:
-        """The earliest retry time after `when` among open deliveries (the dispatcher's one
-        timer), from the partial index in (next_attempt_at, id) order.
+        """The earliest time after `when` at which work may become claimable (the dispatcher's
+        one timer): a retry time among open deliveries, from the partial index in
+        (next_attempt_at, id) order, or a rate-limited webhook's gate opening.
 
         Raises:
             StoreUnavailable.
         """
         with self.session() as s:
-            return s.exec(
+            retry = s.exec(
                 select(Delivery.next_attempt_at)
                 .where(text(OPEN_STATES_SQL))
                 .where(col(Delivery.next_attempt_at) > when)
                 .order_by(col(Delivery.next_attempt_at), col(Delivery.id))
                 .limit(1)
             ).first()
+            gate = s.exec(
+                select(func.min(Webhook.rate_open_at))
+                .where(col(Webhook.rate_limit).is_not(None))
+                .where(col(Webhook.rate_open_at) > when)
+            ).first()
+        return min((t for t in (retry, gate) if t is not None), default=None)
 
     def complete(self, *, worker: str, results: Sequence[AttemptResult], now: datetime) -> list[int]:
         """Log attempts and move their deliveries on, in one transaction.
@@ -630,6 +698,15 @@ class NewestDeliveryProbe:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+class Claims(list["Claimed"]):
+    """What one claim leased, plus when a rate-limited webhook it held back may be claimed from
+    again (None: none was held back), so a dispatcher can wake up then."""
+
+    def __init__(self, jobs: Sequence[Claimed], *, gate_opens_at: datetime | None = None) -> None:
+        super().__init__(jobs)
+        self.gate_opens_at = gate_opens_at
 
 
 @dataclass(frozen=True)

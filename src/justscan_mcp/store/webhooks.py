@@ -75,6 +75,10 @@ class WebhookRepository(Database):
                 # next failure (else the old streak would switch it off again at once).
                 webhook.disabled_reason = None
                 webhook.failing_since = None
+            if "rate_limit" in values:
+                # A new limit starts with a full bucket and an open gate.
+                webhook.rate_tat = None
+                webhook.rate_open_at = None
             webhook.updated_at = now
             s.add(webhook)
             if values.get("active") is False:
