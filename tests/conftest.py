@@ -31,7 +31,7 @@ from justscan_mcp.config import Settings
 from justscan_mcp.models import ApiKeyCreated, Principal, TeamPublic
 from justscan_mcp.store import Store, normalise_url
 
-READ_TOOLS = ["get_webhook", "list_deliveries", "list_webhooks"]
+READ_TOOLS = ["get_webhook", "get_webhook_stats", "list_deliveries", "list_webhooks"]
 WRITE_TOOLS = [
     "create_webhook",
     "delete_webhook",

@@ -129,6 +129,7 @@ async def test_streamable_http_tools_isolation_and_scopes(http_server: HttpServe
             "delete_webhook": {"webhook_id": theirs.id},
             "test_webhook": {"webhook_id": theirs.id},
             "list_deliveries": {"webhook_id": theirs.id},
+            "get_webhook_stats": {"webhook_id": theirs.id},
             "rotate_secret": {"webhook_id": theirs.id},
             "redeliver": {"delivery_id": their_delivery},
             "recover_deliveries": {"webhook_id": theirs.id, "since": "2026-01-01T00:00:00+00:00"},

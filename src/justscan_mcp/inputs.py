@@ -249,6 +249,22 @@ class DeliveryRecoveryInput(DeliveryRecovery):
     webhook_id: WebhookId
 
 
+STATS_HOURS_MAX = 720
+
+
+class WebhookStatsQuery(Input):
+    webhook_id: WebhookId
+    hours: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=STATS_HOURS_MAX,
+            description="How many clock hours back, the current one included: 1 to 720 (30 days); "
+            "default 24.",
+        ),
+    ] = 24
+
+
 _VALIDATORS = (AfterValidator, BeforeValidator, PlainValidator, WrapValidator)
 
 

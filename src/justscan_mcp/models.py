@@ -209,6 +209,8 @@ class Delivery(SQLModel, table=True):
             postgresql_where=text(OPEN_STATES_SQL),
         ),
         Index("ix_deliveries_webhook_id_id", "webhook_id", "id"),
+        # A webhook's statistics count its deliveries since a time, by state and hour.
+        Index("ix_deliveries_webhook_created", "webhook_id", "created_at", "state"),
         # Retention asks "has this event any delivery left?" for every old event.
         Index("ix_deliveries_event_id", "event_id"),
         Index(
@@ -452,6 +454,48 @@ class RecoveryResult(BaseModel):
     deliveries: list[int]
     more: bool
     dry_run: bool
+
+
+ATTEMPT_CLASSES = ("2xx", "3xx", "4xx", "5xx", "timeout", "connection")
+
+
+class LatencyPercentiles(BaseModel):
+    """Attempt durations in milliseconds (nearest rank); null when there was no attempt."""
+
+    p50: int | None
+    p95: int | None
+
+
+class HourlyOutcome(BaseModel):
+    hour: datetime  # the start of the UTC clock hour
+    succeeded: int
+    failed: int
+
+
+class WebhookStats(BaseModel):
+    """get_webhook_stats' answer, over the deliveries created in the last `hours` clock hours (the
+    current one included) and their attempts."""
+
+    webhook_id: int
+    hours: int
+    since: datetime
+    deliveries: dict[str, int] = PublicField(
+        description="Deliveries by state: pending, retrying, succeeded, failed."
+    )
+    attempts: dict[str, int] = PublicField(
+        description="Attempts by outcome: 2xx, 3xx, 4xx, 5xx (the receiver's status class), timeout "
+        "(no answer within the delivery timeout), connection (no HTTP answer: refused, reset, DNS)."
+    )
+    success_rate: float | None = PublicField(
+        description="succeeded / (succeeded + failed), 0 to 1; null when no delivery has finished."
+    )
+    latency_ms: LatencyPercentiles
+    failing_since: datetime | None = PublicField(
+        description="When the current failure streak began (null: the last finished delivery succeeded)."
+    )
+    hourly: list[HourlyOutcome] = PublicField(
+        description="Succeeded and failed deliveries per clock hour, oldest first, one entry per hour."
+    )
 
 
 class EmitResult(BaseModel):

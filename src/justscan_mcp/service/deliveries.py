@@ -1,8 +1,9 @@
-"""Delivery use cases: the log, test deliveries (and waiting for their outcome), redelivery."""
+"""Delivery use cases: the log, statistics, test deliveries, redelivery and recovery."""
 
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -10,16 +11,27 @@ import anyio
 
 from justscan_mcp.errors import InvalidInput, NotFound
 from justscan_mcp.events import TestData, envelope
-from justscan_mcp.inputs import DeliveryLogQuery, DeliveryRecoveryInput, DeliveryRef, WebhookRef
+from justscan_mcp.inputs import (
+    DeliveryLogQuery,
+    DeliveryRecoveryInput,
+    DeliveryRef,
+    WebhookRef,
+    WebhookStatsQuery,
+)
 from justscan_mcp.models import (
+    ATTEMPT_CLASSES,
     LIST_LIMIT_DEFAULT,
     LIST_LIMIT_MAX,
     Caller,
     DeliveryPage,
     DeliveryPublic,
+    HourlyOutcome,
+    LatencyPercentiles,
     RecoveryResult,
     TestOutcome,
+    WebhookStats,
 )
+from justscan_mcp.retry import DELIVERY_STATES
 from justscan_mcp.service.base import UseCases, delivery_public, webhook_not_found
 from justscan_mcp.service.validators import parse, positive_id
 from justscan_mcp.threads import in_thread
@@ -34,8 +46,45 @@ POLL_INTERVAL = 0.02
 SIGNALLED_POLL_INTERVAL = 0.5
 
 
+def hour_start(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
 class DeliveryUseCases(UseCases):
     """A webhook's deliveries: reading the log, testing a receiver, sending an event again."""
+
+    def get_webhook_stats(self, *, principal: Caller, webhook_id: int, hours: int = 24) -> WebhookStats:
+        """How a webhook is doing over the last `hours` clock hours (the current one included):
+        its deliveries created then, by state and per hour, their attempts by outcome class and
+        duration, the success rate and the failure streak. Test deliveries count too: they are
+        in the log beside the rest.
+
+        Raises:
+            InvalidInput (webhook_id, hours), NotFound.
+        """
+        given = parse(WebhookStatsQuery, {"webhook_id": webhook_id, "hours": hours})
+        webhook = self._own_webhook(principal.team_id, given.webhook_id)
+        first = hour_start(self.clock()) - timedelta(hours=given.hours - 1)
+        counts = self.store.webhook_stats(webhook_id=given.webhook_id, since=first)
+        by_state: dict[str, int] = dict.fromkeys(DELIVERY_STATES, 0)
+        per_hour = {first + timedelta(hours=i): {"succeeded": 0, "failed": 0} for i in range(given.hours)}
+        for state, hour, n in counts.deliveries:
+            by_state[state] = by_state.get(state, 0) + n
+            bucket = per_hour.get(datetime.strptime(hour, "%Y-%m-%d %H").replace(tzinfo=UTC))
+            if bucket is not None and state in bucket:
+                bucket[state] += n
+        finished = by_state["succeeded"] + by_state["failed"]
+        return WebhookStats(
+            webhook_id=given.webhook_id,
+            hours=given.hours,
+            since=first,
+            deliveries=by_state,
+            attempts={c: counts.attempts.get(c, 0) for c in ATTEMPT_CLASSES},
+            success_rate=round(by_state["succeeded"] / finished, 4) if finished else None,
+            latency_ms=LatencyPercentiles(p50=counts.p50, p95=counts.p95),
+            failing_since=webhook.failing_since,
+            hourly=[HourlyOutcome(hour=h, **n) for h, n in per_hour.items()],
+        )
 
     def send_test(self, *, principal: Caller, webhook_id: int) -> int:
         """Queue one signed `test` delivery to the webhook (whatever it subscribes to); one attempt.

@@ -30,6 +30,7 @@ from justscan_mcp.inputs import (
     WebhookCreate,
     WebhookPageQuery,
     WebhookRef,
+    WebhookStatsQuery,
     WebhookUpdate,
 )
 from justscan_mcp.models import (
@@ -45,6 +46,7 @@ from justscan_mcp.models import (
     WebhookDeleted,
     WebhookPage,
     WebhookPublic,
+    WebhookStats,
 )
 from justscan_mcp.threads import in_thread
 
@@ -202,6 +204,22 @@ OPERATIONS: tuple[Operation, ...] = (
         output=DeliveryPage,
         use_case="list_deliveries",
         route=HttpRoute("GET", "/webhooks/{webhook_id}/deliveries", tag="deliveries"),
+    ),
+    Operation(
+        name="get_webhook_stats",
+        title="Webhook statistics",
+        description="Is this webhook healthy? Over the last `hours` clock hours (default 24, at most "
+        "720), counted from the deliveries created then: deliveries by state, attempts by outcome "
+        "(2xx, 3xx, 4xx, 5xx, timeout, connection), success_rate (succeeded / finished), attempt "
+        "latency p50 and p95 in ms, failing_since (when the current failure streak began, null when "
+        "healthy) and succeeded/failed per hour. Follow up with list_deliveries(state='failed') to "
+        "see what failed, and recover_deliveries once the receiver is fixed.",
+        scope=READ,
+        hints=READS,
+        input=WebhookStatsQuery,
+        output=WebhookStats,
+        use_case="get_webhook_stats",
+        route=HttpRoute("GET", "/webhooks/{webhook_id}/stats", tag="deliveries"),
     ),
     Operation(
         name="redeliver",

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import text
 from sqlmodel import col, select
@@ -17,6 +20,25 @@ from justscan_mcp.models import (
 from justscan_mcp.store.db import Database
 
 log = logging.getLogger(__name__)
+
+# An attempt's outcome class, from its status code or, without one, its error text (the sender
+# writes "timed out after …" for a timeout; anything else without a status is a connection failure).
+OUTCOME_CLASS_SQL = (
+    "CASE WHEN a.status_code >= 500 THEN '5xx' WHEN a.status_code >= 400 THEN '4xx'"
+    " WHEN a.status_code >= 300 THEN '3xx' WHEN a.status_code IS NOT NULL THEN '2xx'"
+    " WHEN substr(a.error, 1, 9) = 'timed out' THEN 'timeout' ELSE 'connection' END"
+)
+
+
+@dataclass(frozen=True)
+class StatsCounts:
+    """A webhook's counts since a time: deliveries by (state, UTC hour 'YYYY-MM-DD HH'), their
+    attempts by outcome class, and the attempts' duration percentiles (ms, nearest rank)."""
+
+    deliveries: list[tuple[str, str, int]]
+    attempts: dict[str, int]
+    p50: int | None
+    p95: int | None
 
 
 class DeliveryLog(Database):
@@ -137,3 +159,42 @@ class DeliveryLog(Database):
                 ).all():
                     latest[a.delivery_id] = a
             return [(d, latest.get(d.id or 0), url) for d, url in rows]
+
+    def webhook_stats(self, *, webhook_id: int, since: datetime) -> StatsCounts:
+        """Counts for one webhook's deliveries created at or after `since`, and their attempts.
+        Three statements on the index (webhook_id, created_at, state); the attempts are found
+        through their delivery.
+
+        Raises:
+            StoreUnavailable.
+        """
+        m = self._mark
+        if self.backend == "postgresql":
+            hour = "to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24')"
+        else:  # stored as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC)
+            hour = "substr(d.created_at, 1, 13)"
+        window = f"FROM deliveries d WHERE d.webhook_id = {m} AND d.created_at >= {m}"
+        joined = (
+            "FROM deliveries d JOIN delivery_attempts a ON a.delivery_id = d.id"
+            f" WHERE d.webhook_id = {m} AND d.created_at >= {m}"
+        )
+        params = (webhook_id, self._dt_bind(since))
+        with self._driver(write=False) as cur:
+            cur.execute(f"SELECT d.state, {hour} AS h, count(*) {window} GROUP BY d.state, h", params)
+            deliveries = [(state, h, n) for state, h, n in cur.fetchall()]
+            cur.execute(f"SELECT {OUTCOME_CLASS_SQL} AS c, count(*) {joined} GROUP BY c", params)
+            attempts = {c: n for c, n in cur.fetchall()}
+            total = sum(attempts.values())
+            p50 = p95 = None
+            if total and self.backend == "postgresql":
+                cur.execute(
+                    "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY a.duration_ms),"
+                    f" percentile_disc(0.95) WITHIN GROUP (ORDER BY a.duration_ms) {joined}",
+                    params,
+                )
+                p50, p95 = cur.fetchone()
+            elif total:
+                cur.execute(f"SELECT a.duration_ms {joined} ORDER BY a.duration_ms", params)
+                durations = [row[0] for row in cur.fetchall()]
+                p50, p95 = (durations[max(0, math.ceil(p * len(durations)) - 1)] for p in (0.5, 0.95))
+        return StatsCounts(deliveries=deliveries, attempts=attempts, p50=p50, p95=p95)
