@@ -132,6 +132,17 @@ def test_dashboard_in_a_real_browser(chromium: Any, tmp_path: Path):
         assert page.evaluate("window.__pwned") is None and dialogs == []
         row = page.locator("tr[data-delivery]").first
         assert "succeeded" in row.inner_text() and "202" in row.inner_text()
+        # The chart of the last 24 hours: one bar group per hour, this hour's holding the test.
+        page.goto(f"{server.base}/webhooks/{hook_id}")  # not reload(): that would post the test again
+        hours = page.locator("svg.chart g.hour")
+        assert hours.count() == 24
+        assert page.locator("svg.chart rect.bar").count() == 48  # succeeded and failed per hour
+        now = hours.nth(23)
+        assert (now.get_attribute("data-succeeded"), now.get_attribute("data-failed")) == ("1", "0")
+        drawn = now.locator("rect.bar.ok").bounding_box()
+        assert drawn is not None and drawn["height"] > 50  # the tallest bar: the whole scale
+        assert all(hours.nth(i).get_attribute("data-succeeded") == "0" for i in range(23))
+        assert page.locator("[data-success-rate]").inner_text() == "100.0%"
         page.screenshot(path=str(shots / "dashboard-webhook-and-log.png"), full_page=True)
 
         page.get_by_role("button", name="Disable").click()
@@ -177,6 +188,7 @@ def test_dashboard_in_a_real_browser(chromium: Any, tmp_path: Path):
         op.get_by_role("heading", name="Admin: all teams").wait_for()
         assert f"#{theirs.id} {PUBLIC_URL}" in op.inner_text("main")
         assert receiver.url("/dash") in op.inner_text("main")
+        assert op.locator(f'[data-team-success="{kit.team.id}"]').inner_text() == "100.0%"
         op.screenshot(path=str(shots / "dashboard-admin.png"), full_page=True)
         op.get_by_role("link", name="API keys").click()
         op.get_by_role("button", name=f"Turn MCP off for key {kit.rw.id}").click()

@@ -50,10 +50,11 @@ EXPECTED = {
     "success_rate": 0.75,
     # durations sorted: 5 10 15 20 30 40 60 100 10000; nearest rank 5 of 9 and 9 of 9
     "latency_ms": {"p50": 30, "p95": 10000},
+    # latency_ms per hour is the mean: (40+100+10000+5+20)/5, (30+60)/2, (15+10)/2 rounded half-even
     "hourly": [
-        {"hour": "2026-11-29T13:00:00Z", "succeeded": 1, "failed": 1},
-        {"hour": "2026-11-29T14:00:00Z", "succeeded": 1, "failed": 0},
-        {"hour": "2026-11-29T15:00:00Z", "succeeded": 1, "failed": 0},
+        {"hour": "2026-11-29T13:00:00Z", "succeeded": 1, "failed": 1, "latency_ms": 2033},
+        {"hour": "2026-11-29T14:00:00Z", "succeeded": 1, "failed": 0, "latency_ms": 45},
+        {"hour": "2026-11-29T15:00:00Z", "succeeded": 1, "failed": 0, "latency_ms": 12},
     ],
 }
 
@@ -227,3 +228,29 @@ async def test_outcome_classes_of_real_attempts(db_url: str):
                 got = stats(outcome)
                 assert got.attempts == {c: int(c == outcome) for c in got.attempts}, (outcome, got.attempts)
                 assert got.success_rate == (1.0 if outcome == "2xx" else 0.0)
+
+
+def test_admin_overview_has_each_teams_success_rate(app: App, fixed):
+    kit, _, _ = fixed
+    quiet = make_team(app, "stats-quiet")
+    app.service.create_webhook(
+        principal=quiet.principal(), url="https://hooks.example.test/q", events=["scan"]
+    )
+    rates = app.service.admin_overview(limit=1000).success_rates
+    # Within 24 h of 15:30: 3 + 1 (the other webhook) succeeded, 2 failed (the 12:59:59 one too).
+    assert rates[kit.team.id] == round(4 / 6, 4)
+    assert rates[quiet.team.id] is None
+
+
+def test_the_chart_draws_one_bar_pair_per_hour_on_one_scale(app: App, fixed):
+    from justscan_mcp.dashboard import chart_of
+
+    kit, hook_id, _ = fixed
+    chart = chart_of(app.service.get_webhook_stats(principal=kit.principal(), webhook_id=hook_id))
+    assert len(chart.hours) == 24 and chart.most == 2 and chart.slowest == 2033
+    by_label = {h.label: h for h in chart.hours}
+    full = chart.base - chart.top
+    assert by_label["13:00"].ok_height + by_label["13:00"].bad_height == pytest.approx(full, abs=0.2)
+    assert by_label["14:00"].ok_height == pytest.approx(full / 2, abs=0.2)
+    assert by_label["14:00"].bad_height == 0
+    assert len(chart.line.split()) == 4  # hours with attempts: 12, 13, 14 and 15

@@ -95,6 +95,86 @@ templates = Environment(
 templates.filters["when"] = lambda t: t.strftime("%Y-%m-%d %H:%M:%S UTC") if t else "-"
 
 
+@dataclass(frozen=True)
+class ChartHour:
+    """One hour of the webhook page's chart, in SVG units."""
+
+    label: str  # "13:00"
+    x: float
+    width: float
+    ok_y: float
+    ok_height: float
+    bad_y: float
+    bad_height: float
+    succeeded: int
+    failed: int
+    latency_ms: int | None
+    tick: bool  # an hour label under the axis
+
+
+@dataclass(frozen=True)
+class Chart:
+    width: int
+    height: int
+    top: int
+    base: float  # the y of the axis
+    hours: list[ChartHour]
+    most: int  # the bar scale's top
+    slowest: int | None  # the latency line's scale top (ms)
+    line: str  # SVG polyline points of the latency line ("" when no attempt)
+    succeeded: int
+    failed: int
+
+
+CHART_WIDTH, CHART_HEIGHT, CHART_TOP, CHART_LEFT, CHART_RIGHT, CHART_BOTTOM = 720, 180, 12, 40, 56, 22
+
+
+def chart_of(stats: Any) -> Chart:
+    """The last hours as stacked bars (succeeded under failed) and a line of mean latency, drawn
+    on the server: no script and no chart library."""
+    hours = stats.hourly
+    plot_w = CHART_WIDTH - CHART_LEFT - CHART_RIGHT
+    plot_h = CHART_HEIGHT - CHART_TOP - CHART_BOTTOM
+    base = CHART_TOP + plot_h
+    most = max([h.succeeded + h.failed for h in hours] + [1])
+    slowest = max((h.latency_ms for h in hours if h.latency_ms is not None), default=None)
+    slot = plot_w / max(1, len(hours))
+    bars, points = [], []
+    for i, h in enumerate(hours):
+        ok = plot_h * h.succeeded / most
+        bad = plot_h * h.failed / most
+        x = CHART_LEFT + i * slot
+        bars.append(
+            ChartHour(
+                label=h.hour.strftime("%H:00"),
+                x=round(x + slot * 0.15, 1),
+                width=round(slot * 0.7, 1),
+                ok_y=round(base - ok, 1),
+                ok_height=round(ok, 1),
+                bad_y=round(base - ok - bad, 1),
+                bad_height=round(bad, 1),
+                succeeded=h.succeeded,
+                failed=h.failed,
+                latency_ms=h.latency_ms,
+                tick=i % max(1, len(hours) // 4) == 0,
+            )
+        )
+        if h.latency_ms is not None and slowest:
+            points.append(f"{x + slot / 2:.1f},{base - plot_h * h.latency_ms / slowest:.1f}")
+    return Chart(
+        width=CHART_WIDTH,
+        height=CHART_HEIGHT,
+        top=CHART_TOP,
+        base=base,
+        hours=bars,
+        most=most,
+        slowest=slowest,
+        line=" ".join(points),
+        succeeded=sum(h.succeeded for h in hours),
+        failed=sum(h.failed for h in hours),
+    )
+
+
 def rate_limit_of(data: dict[str, Any]) -> Any:
     """The form's rate limit: empty is none; anything but a whole number is passed on as text, so
     the service refuses it naming `rate_limit`."""
@@ -444,6 +524,7 @@ class Dashboard:
             "list_deliveries", v, webhook_id=wid, state=state, event=event, cursor=cursor, limit=50
         )
         live = any(d.state in OPEN_STATES for d in log.deliveries)
+        stats = await self.run("get_webhook_stats", v, webhook_id=wid, hours=24)
         return self.page(
             request,
             "webhook.html",
@@ -452,6 +533,8 @@ class Dashboard:
             webhook=hook,
             log=log,
             live=live,
+            stats=stats,
+            chart=chart_of(stats),
             state=state,
             event=event,
             states=DELIVERY_STATES,

@@ -431,6 +431,8 @@ class AdminOverview(BaseModel):
     `failing_before`)."""
 
     teams: list[TeamPublic]
+    # Each listed team's succeeded / finished over its deliveries of the last 24 hours (None: none).
+    success_rates: dict[int, float | None] = {}
     switched_off: list[WebhookPublic] = []  # auto-disabled webhooks, listed first
     webhooks: list[WebhookSummary]
     failing: list[FailingDelivery]
@@ -470,6 +472,9 @@ class HourlyOutcome(BaseModel):
     hour: datetime  # the start of the UTC clock hour
     succeeded: int
     failed: int
+    latency_ms: int | None = PublicField(
+        default=None, description="Mean attempt duration of that hour's deliveries (null: none)."
+    )
 
 
 class WebhookStats(BaseModel):

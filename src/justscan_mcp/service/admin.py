@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from justscan_mcp.models import (
     AdminKeys,
     AdminOverview,
@@ -15,6 +17,7 @@ from justscan_mcp.service.base import UseCases, delivery_public, summary
 from justscan_mcp.service.validators import positive_id
 
 ADMIN_PAGE = 100
+SUCCESS_WINDOW = timedelta(hours=24)  # the admin area's success rates
 
 
 class AdminQueries(UseCases):
@@ -30,8 +33,9 @@ class AdminQueries(UseCases):
         self, *, limit: int = ADMIN_PAGE, webhooks_after: int = 0, failing_before: int | None = None
     ) -> AdminOverview:
         """One page of the operator's view across teams: webhooks with their last outcome, and
-        the newest failed or retrying deliveries, each list paged on its own. A fixed number of
-        queries (seven), whatever the page size.
+        the newest failed or retrying deliveries, each list paged on its own, and each listed
+        team's success rate over 24 hours. A fixed number of queries (eight), whatever the page
+        size.
 
         Raises:
             InvalidInput: a malformed page position.
@@ -51,8 +55,14 @@ class AdminQueries(UseCases):
         switched_off = [WebhookPublic.model_validate(w) for w in self.store.switched_off(limit=limit)]
         named = {w.team_id for w in hooks} | {f.team_id for f in failing} | {w.team_id for w in switched_off}
         teams = self.store.teams_by_id(sorted(named))
+        finished = self.store.finished_by_team(team_ids=sorted(teams), since=self.clock() - SUCCESS_WINDOW)
         return AdminOverview(
             teams=[TeamPublic.model_validate(t) for _, t in sorted(teams.items())],
+            success_rates={
+                t: round(ok / (ok + bad), 4) if ok + bad else None
+                for t in teams
+                for ok, bad in [finished.get(t, (0, 0))]
+            },
             switched_off=switched_off,
             webhooks=self.with_last_delivery(hooks),
             failing=failing,

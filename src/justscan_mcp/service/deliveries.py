@@ -50,6 +50,11 @@ def hour_start(moment: datetime) -> datetime:
     return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
+def _hour(key: str) -> datetime:
+    """The store's hour key 'YYYY-MM-DD HH' (UTC) as a time."""
+    return datetime.strptime(key, "%Y-%m-%d %H").replace(tzinfo=UTC)
+
+
 class DeliveryUseCases(UseCases):
     """A webhook's deliveries: reading the log, testing a receiver, sending an event again."""
 
@@ -67,23 +72,36 @@ class DeliveryUseCases(UseCases):
         first = hour_start(self.clock()) - timedelta(hours=given.hours - 1)
         counts = self.store.webhook_stats(webhook_id=given.webhook_id, since=first)
         by_state: dict[str, int] = dict.fromkeys(DELIVERY_STATES, 0)
-        per_hour = {first + timedelta(hours=i): {"succeeded": 0, "failed": 0} for i in range(given.hours)}
+        by_class: dict[str, int] = dict.fromkeys(ATTEMPT_CLASSES, 0)
+        hourly = {
+            first + timedelta(hours=i): HourlyOutcome(hour=first + timedelta(hours=i), succeeded=0, failed=0)
+            for i in range(given.hours)
+        }
+        timing: dict[datetime, list[int]] = {}  # hour -> [attempts, their total ms]
         for state, hour, n in counts.deliveries:
             by_state[state] = by_state.get(state, 0) + n
-            bucket = per_hour.get(datetime.strptime(hour, "%Y-%m-%d %H").replace(tzinfo=UTC))
-            if bucket is not None and state in bucket:
-                bucket[state] += n
+            bucket = hourly.get(_hour(hour))
+            if bucket is not None and state in ("succeeded", "failed"):
+                setattr(bucket, state, getattr(bucket, state) + n)
+        for outcome, hour, n, total_ms in counts.attempts:
+            by_class[outcome] = by_class.get(outcome, 0) + n
+            spent = timing.setdefault(_hour(hour), [0, 0])
+            spent[0] += n
+            spent[1] += total_ms
+        for moment, (n, total_ms) in timing.items():
+            if moment in hourly and n:
+                hourly[moment].latency_ms = round(total_ms / n)
         finished = by_state["succeeded"] + by_state["failed"]
         return WebhookStats(
             webhook_id=given.webhook_id,
             hours=given.hours,
             since=first,
             deliveries=by_state,
-            attempts={c: counts.attempts.get(c, 0) for c in ATTEMPT_CLASSES},
+            attempts=by_class,
             success_rate=round(by_state["succeeded"] / finished, 4) if finished else None,
             latency_ms=LatencyPercentiles(p50=counts.p50, p95=counts.p95),
             failing_since=webhook.failing_since,
-            hourly=[HourlyOutcome(hour=h, **n) for h, n in per_hour.items()],
+            hourly=list(hourly.values()),
         )
 
     def send_test(self, *, principal: Caller, webhook_id: int) -> int:

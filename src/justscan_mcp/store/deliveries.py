@@ -33,10 +33,11 @@ OUTCOME_CLASS_SQL = (
 @dataclass(frozen=True)
 class StatsCounts:
     """A webhook's counts since a time: deliveries by (state, UTC hour 'YYYY-MM-DD HH'), their
-    attempts by outcome class, and the attempts' duration percentiles (ms, nearest rank)."""
+    attempts by (outcome class, hour) with the sum of their durations, and the attempts' duration
+    percentiles (ms, nearest rank). The hour is the delivery's creation hour."""
 
     deliveries: list[tuple[str, str, int]]
-    attempts: dict[str, int]
+    attempts: list[tuple[str, str, int, int]]
     p50: int | None
     p95: int | None
 
@@ -182,9 +183,12 @@ class DeliveryLog(Database):
         with self._driver(write=False) as cur:
             cur.execute(f"SELECT d.state, {hour} AS h, count(*) {window} GROUP BY d.state, h", params)
             deliveries = [(state, h, n) for state, h, n in cur.fetchall()]
-            cur.execute(f"SELECT {OUTCOME_CLASS_SQL} AS c, count(*) {joined} GROUP BY c", params)
-            attempts = {c: n for c, n in cur.fetchall()}
-            total = sum(attempts.values())
+            cur.execute(
+                f"SELECT {OUTCOME_CLASS_SQL} AS c, {hour} AS h, count(*), sum(a.duration_ms) {joined} GROUP BY c, h",
+                params,
+            )
+            attempts = [(c, h, n, int(ms)) for c, h, n, ms in cur.fetchall()]
+            total = sum(n for _, _, n, _ in attempts)
             p50 = p95 = None
             if total and self.backend == "postgresql":
                 cur.execute(
@@ -198,3 +202,26 @@ class DeliveryLog(Database):
                 durations = [row[0] for row in cur.fetchall()]
                 p50, p95 = (durations[max(0, math.ceil(p * len(durations)) - 1)] for p in (0.5, 0.95))
         return StatsCounts(deliveries=deliveries, attempts=attempts, p50=p50, p95=p95)
+
+    def finished_by_team(self, *, team_ids: Sequence[int], since: datetime) -> dict[int, tuple[int, int]]:
+        """(succeeded, failed) deliveries created since `since`, per team: through each team's
+        webhooks on the index (webhook_id, created_at, state).
+
+        Raises:
+            StoreUnavailable.
+        """
+        if not team_ids:
+            return {}
+        m = self._mark
+        with self._driver(write=False) as cur:
+            cur.execute(
+                "SELECT w.team_id, d.state, count(*) FROM webhooks w JOIN deliveries d"  # noqa: S608
+                f" ON d.webhook_id = w.id AND d.created_at >= {m}"
+                f" WHERE w.team_id IN ({self._marks(len(team_ids))}) AND d.state IN ('succeeded', 'failed')"
+                " GROUP BY w.team_id, d.state",
+                (self._dt_bind(since), *team_ids),
+            )
+            counts: dict[int, list[int]] = {}
+            for team_id, state, n in cur.fetchall():
+                counts.setdefault(team_id, [0, 0])[0 if state == "succeeded" else 1] += n
+        return {t: (ok, bad) for t, (ok, bad) in counts.items()}
