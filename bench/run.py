@@ -636,6 +636,91 @@ def big_log(tmp: Path, quick: bool) -> None:
             )
 
 
+def fill_spread(app: Any, team_id: int, first_hook: int, n: int) -> None:
+    """n deliveries with one attempt each, spread over 30 days and 100 webhooks (ids first_hook to
+    first_hook+99); every tenth belongs to the first, the busy one; one in 17 failed. Generated in
+    the database (generate_series, a recursive CTE): the table's size is the point here."""
+    from sqlalchemy import text
+
+    from justscan_mcp.models import Event
+
+    with app.store.session() as s:
+        ev = Event(team_id=team_id, name="scan", payload="{}", created_at=datetime.now(UTC))
+        s.add(ev)
+        s.flush()
+        event_id = ev.id
+    hook = f"CASE WHEN i % 10 = 0 THEN {first_hook} ELSE {first_hook + 1} + (i % 99) END"
+    state = "CASE WHEN i % 17 = 0 THEN 'failed' ELSE 'succeeded' END"
+    if app.store.backend == "postgresql":
+        series = f"FROM generate_series(1::bigint, {n}::bigint) AS i"
+        created = "now() - ((i * 7919) % 43200) * interval '1 minute'"
+        prefix = ""
+    else:
+        series = "FROM s"
+        created = "strftime('%Y-%m-%d %H:%M:%f', 'now', '-' || ((i * 7919) % 43200) || ' minutes') || '000'"
+        prefix = f"WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < {n}) "
+    with app.store.engine.begin() as c:
+        c.execute(
+            text(
+                f"{prefix}INSERT INTO deliveries (team_id, webhook_id, event_id, event, state, is_test,"
+                " attempt_count, created_at, updated_at)"
+                f" SELECT {team_id}, {hook}, {event_id}, 'scan', {state}, false, 1, {created}, {created} {series}"
+            )
+        )
+        c.execute(
+            text(
+                "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, started_at,"
+                " duration_ms, status_code) SELECT id, webhook_id,"
+                " CASE WHEN state = 'failed' THEN '5xx' ELSE '2xx' END, 1, created_at, (id * 37) % 500,"
+                " CASE WHEN state = 'failed' THEN 500 ELSE 200 END FROM deliveries"
+            )
+        )
+    if app.store.backend == "postgresql":
+        with app.store.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text("VACUUM ANALYZE deliveries"))
+            c.execute(text("VACUUM ANALYZE delivery_attempts"))
+    else:
+        with app.store.engine.begin() as c:
+            c.execute(text("ANALYZE"))
+
+
+def webhook_stats(tmp: Path, quick: bool) -> None:
+    n = 50_000 if quick else 1_000_000
+    calls = 50 if quick else 200
+    for kind in ("sqlite", "postgresql"):
+        with database(kind, tmp) as url:
+            if url is None:
+                row(f"get_webhook_stats, {kind}", "not run", "-", None, "no PostgreSQL configured")
+                continue
+            app = make_app(url)
+            team, key, hooks = setup_team(app, "https://93.184.216.34/hook", n_hooks=100)
+            assert hooks == list(range(hooks[0], hooks[0] + 100))
+            t = time.perf_counter()
+            fill_spread(app, team.id, hooks[0], n)
+            filled = time.perf_counter() - t
+            principal = app.service.authenticate(key.key)
+            figures = {}
+            for hours, repeat in ((24, calls), (720, max(5, calls // 10))):
+                got = app.service.get_webhook_stats(principal=principal, webhook_id=hooks[0], hours=hours)
+                rows_seen = sum(got.deliveries.values())
+                times = []
+                for _ in range(repeat):
+                    t = time.perf_counter()
+                    app.service.get_webhook_stats(principal=principal, webhook_id=hooks[0], hours=hours)
+                    times.append((time.perf_counter() - t) * 1000)
+                figures[hours] = (pct(times, 50), rows_seen)
+            app.close()
+            (day, day_rows), (month, month_rows) = figures[24], figures[720]
+            row(
+                f"get_webhook_stats (24 h, the busiest of 100 webhooks) with {n:,} deliveries and {n:,}"
+                f" attempts in the tables, {kind}",
+                f"p50 {day:.2f} ms over its {day_rows:,} deliveries",
+                "p50 ≤ 20 ms",
+                day <= 20,
+                f"hours=720 (all {month_rows:,} of its deliveries): p50 {month:.0f} ms; filled in {filled:.0f} s",
+            )
+
+
 # --- report -----------------------------------------------------------------------------------
 
 
@@ -674,10 +759,12 @@ def write_report(path: Path, quick: bool) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness")
-    parser.add_argument("--only", help="comma-separated: throughput,latency,wake,mcp,cold,memory,biglog")
+    parser.add_argument(
+        "--only", help="comma-separated: throughput,latency,wake,mcp,cold,memory,biglog,stats"
+    )
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     args = parser.parse_args()
-    chosen = set((args.only or "throughput,latency,wake,mcp,cold,memory,biglog").split(","))
+    chosen = set((args.only or "throughput,latency,wake,mcp,cold,memory,biglog,stats").split(","))
     steps = [
         ("throughput", throughput),
         ("latency", latency),
@@ -686,6 +773,7 @@ def main() -> int:
         ("cold", cold_start),
         ("memory", memory),
         ("biglog", big_log),
+        ("stats", webhook_stats),
     ]
     with tempfile.TemporaryDirectory(prefix="justscan-bench-") as tmp:
         for name, step in steps:

@@ -44,6 +44,12 @@ def check(seen: dict, kit: TeamKit) -> None:
     recovered = seen["recovered"]
     assert recovered["isError"] is False and recovered["result"]["dry_run"] is True
     assert (recovered["result"]["count"], recovered["result"]["more"]) == (0, False)
+    stats = seen["stats"]
+    assert (
+        stats["isError"] is False and stats["result"]["hours"] == 48 and len(stats["result"]["hourly"]) == 48
+    )
+    assert stats["result"]["deliveries"] == {"pending": 0, "retrying": 0, "succeeded": 0, "failed": 0}
+    assert stats["result"]["success_rate"] is None
     assert seen["deleted"] == {"deleted": True, "webhook_id": made["webhook"]["id"]}
     assert seen["listedAfterDelete"] == []
     assert seen["invalid"]["isError"] is True and "url" in seen["invalid"]["text"]

@@ -148,3 +148,52 @@ def test_revisions_are_frozen_in_time():
                 names = [node.module or ""]
             assert not any(n.split(".")[0] == "justscan_mcp" for n in names), f"{path.name} imports {names}"
         assert "justscan_mcp." not in text_, path.name
+
+
+def test_0012_fills_in_the_webhook_and_outcome_of_existing_attempts(empty_db: str):
+    """Attempts written before 0012 get their webhook and outcome class, so statistics count them."""
+    from alembic import command
+
+    store = Store.from_url(empty_db)
+    try:
+        with store.engine.begin() as c:
+            command.upgrade(store._alembic(c), "0011")
+        stamp = "2026-11-29 10:00:00"
+        with store.engine.begin() as c:
+            c.execute(text(f"INSERT INTO teams (id, name, created_at) VALUES (1, 't', '{stamp}')"))
+            c.execute(
+                text(
+                    "INSERT INTO webhooks (id, team_id, url, events, secret, active, created_at, updated_at)"
+                    f" VALUES (7, 1, 'https://x.test/', '[\"scan\"]', 's', true, '{stamp}', '{stamp}')"
+                )
+            )
+            c.execute(
+                text(
+                    f"INSERT INTO events (id, team_id, name, payload, created_at) VALUES (1, 1, 'scan', '{{}}', '{stamp}')"
+                )
+            )
+            c.execute(
+                text(
+                    "INSERT INTO deliveries (id, team_id, webhook_id, event_id, event, state, is_test, attempt_count,"
+                    f" created_at, updated_at) VALUES (1, 1, 7, 1, 'scan', 'failed', false, 3, '{stamp}', '{stamp}')"
+                )
+            )
+            for n, status, error in [
+                (1, "503", "'receiver answered HTTP 503'"),
+                (2, "NULL", "'timed out after 10s'"),
+                (3, "NULL", "'connection failed: reset'"),
+            ]:
+                c.execute(
+                    text(
+                        "INSERT INTO delivery_attempts (delivery_id, number, started_at, duration_ms, status_code, error)"
+                        f" VALUES (1, {n}, '{stamp}', 5, {status}, {error})"
+                    )
+                )
+        store.migrate()
+        with store.engine.connect() as c:
+            rows = c.execute(
+                text("SELECT number, webhook_id, outcome FROM delivery_attempts ORDER BY number")
+            ).all()
+        assert [tuple(r) for r in rows] == [(1, 7, "5xx"), (2, 7, "timeout"), (3, 7, "connection")]
+    finally:
+        store.close()

@@ -10,7 +10,7 @@ import pytest
 
 from justscan_mcp.app import App
 from justscan_mcp.errors import InvalidInput, NotFound
-from justscan_mcp.models import Delivery, DeliveryAttempt, Event, Webhook
+from justscan_mcp.models import Delivery, DeliveryAttempt, Event, Webhook, outcome_class
 from tests.conftest import TeamKit, make_team
 
 # A fixed clock: 15:30 UTC, so `hours=3` covers 13:00 to now and the fixtures sit at known hours.
@@ -23,7 +23,7 @@ def at(hh: int, mm: int, ss: int = 0) -> datetime:
 
 # (created at, state, is_test, attempts as (status, error, duration ms))
 FIXTURE = [
-    (at(12, 59, 59), "failed", False, [(500, "receiver answered HTTP 500", 7)]),  # before the window
+    (at(12, 58), "failed", False, [(500, "receiver answered HTTP 500", 7)]),  # before the window
     (at(13, 5), "succeeded", False, [(200, None, 40)]),
     (
         at(13, 10),
@@ -41,7 +41,7 @@ FIXTURE = [
     (at(15, 20), "retrying", False, [(302, "redirect to 'x' not followed", 15)]),
     (at(15, 25), "succeeded", True, [(200, None, 10)]),  # a test delivery counts too
 ]
-# Counted by hand from FIXTURE, window 13:00-15:30.
+# Counted by hand from FIXTURE, window 13:00-15:30 (attempts start 1, 2, 3... s after their delivery).
 EXPECTED = {
     "hours": 3,
     "since": "2026-11-29T13:00:00Z",
@@ -83,6 +83,8 @@ def load(app: App, kit: TeamKit, webhook_id: int, rows=FIXTURE) -> None:
                 s.add(
                     DeliveryAttempt(
                         delivery_id=d.id,
+                        webhook_id=webhook_id,
+                        outcome=outcome_class(status, error),
                         number=n,
                         started_at=created + timedelta(seconds=n),
                         duration_ms=ms,
@@ -127,7 +129,7 @@ def test_the_default_is_24_hours_one_bucket_each_and_an_empty_webhook_has_nulls(
     day = app.service.get_webhook_stats(principal=kit.principal(), webhook_id=hook_id)
     assert day.hours == 24 and len(day.hourly) == 24
     assert day.hourly[0].hour == NOW.replace(minute=0) - timedelta(hours=23)
-    assert day.deliveries["failed"] == 2  # the 12:59:59 one is inside a day
+    assert day.deliveries["failed"] == 2  # the 12:58 one is inside a day
     assert sum(h.failed for h in day.hourly) == day.deliveries["failed"]
     empty = app.service.create_webhook(
         principal=kit.principal(), url="https://hooks.example.test/e", events=["scan"]
@@ -237,7 +239,7 @@ def test_admin_overview_has_each_teams_success_rate(app: App, fixed):
         principal=quiet.principal(), url="https://hooks.example.test/q", events=["scan"]
     )
     rates = app.service.admin_overview(limit=1000).success_rates
-    # Within 24 h of 15:30: 3 + 1 (the other webhook) succeeded, 2 failed (the 12:59:59 one too).
+    # Within 24 h of 15:30: 3 + 1 (the other webhook) succeeded, 2 failed (the 12:58 one too).
     assert rates[kit.team.id] == round(4 / 6, 4)
     assert rates[quiet.team.id] is None
 

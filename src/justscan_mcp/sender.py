@@ -31,6 +31,7 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 from justscan_mcp import __version__
+from justscan_mcp.models import TIMEOUT_ERROR_PREFIX
 from justscan_mcp.signing import guide_signature, standard_signatures
 from justscan_mcp.targets import client_host, is_public_address, literal_address
 
@@ -201,7 +202,7 @@ class Sender:
                     )
                 return done(resp.status, text)
         except TimeoutError:
-            return done(error=f"timed out after {self.timeout:g}s")
+            return done(error=f"{TIMEOUT_ERROR_PREFIX} after {self.timeout:g}s")
         except aiohttp.ClientConnectorDNSError as exc:
             if isinstance(exc.os_error, PrivateTargetRefused):
                 return done(error=str(exc.os_error))

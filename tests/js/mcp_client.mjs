@@ -52,6 +52,11 @@ await session(env.JS_WRITE_KEY, async (c) => {
     arguments: { webhook_id: made.structuredContent.id, since: '2026-01-01T00:00:00Z', dry_run: true },
   });
   out.recovered = { isError: recovered.isError ?? false, result: recovered.structuredContent };
+  const stats = await c.callTool({
+    name: 'get_webhook_stats',
+    arguments: { webhook_id: made.structuredContent.id, hours: 48 },
+  });
+  out.stats = { isError: stats.isError ?? false, result: stats.structuredContent };
   const deleted = await c.callTool({
     name: 'delete_webhook',
     arguments: { webhook_id: made.structuredContent.id },

@@ -21,20 +21,12 @@ from justscan_mcp.store.db import Database
 
 log = logging.getLogger(__name__)
 
-# An attempt's outcome class, from its status code or, without one, its error text (the sender
-# writes "timed out after …" for a timeout; anything else without a status is a connection failure).
-OUTCOME_CLASS_SQL = (
-    "CASE WHEN a.status_code >= 500 THEN '5xx' WHEN a.status_code >= 400 THEN '4xx'"
-    " WHEN a.status_code >= 300 THEN '3xx' WHEN a.status_code IS NOT NULL THEN '2xx'"
-    " WHEN substr(a.error, 1, 9) = 'timed out' THEN 'timeout' ELSE 'connection' END"
-)
-
 
 @dataclass(frozen=True)
 class StatsCounts:
-    """A webhook's counts since a time: deliveries by (state, UTC hour 'YYYY-MM-DD HH'), their
-    attempts by (outcome class, hour) with the sum of their durations, and the attempts' duration
-    percentiles (ms, nearest rank). The hour is the delivery's creation hour."""
+    """A webhook's counts since a time: the deliveries created since, by (state, UTC hour
+    'YYYY-MM-DD HH'); the attempts started since, by (outcome class, hour) with the sum of their
+    durations; and those attempts' duration percentiles (ms, nearest rank)."""
 
     deliveries: list[tuple[str, str, int]]
     attempts: list[tuple[str, str, int, int]]
@@ -162,46 +154,47 @@ class DeliveryLog(Database):
             return [(d, latest.get(d.id or 0), url) for d, url in rows]
 
     def webhook_stats(self, *, webhook_id: int, since: datetime) -> StatsCounts:
-        """Counts for one webhook's deliveries created at or after `since`, and their attempts.
-        Three statements on the index (webhook_id, created_at, state); the attempts are found
-        through their delivery.
+        """Counts for one webhook since `since`: its deliveries created since, from the index
+        (webhook_id, created_at, state), and its attempts started since, from the index
+        (webhook_id, started_at, outcome, duration_ms). Each is read from its index alone.
 
         Raises:
             StoreUnavailable.
         """
         m = self._mark
         if self.backend == "postgresql":
-            hour = "to_char(d.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24')"
+            hour = "to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24')"
         else:  # stored as 'YYYY-MM-DD HH:MM:SS.ffffff' (UTC)
-            hour = "substr(d.created_at, 1, 13)"
-        window = f"FROM deliveries d WHERE d.webhook_id = {m} AND d.created_at >= {m}"
-        joined = (
-            "FROM deliveries d JOIN delivery_attempts a ON a.delivery_id = d.id"
-            f" WHERE d.webhook_id = {m} AND d.created_at >= {m}"
+            hour = "substr({}, 1, 13)"
+        deliveries_sql = (
+            f"SELECT state, {hour.format('created_at')} AS h, count(*) FROM deliveries"  # noqa: S608
+            f" WHERE webhook_id = {m} AND created_at >= {m} GROUP BY state, h"
         )
+        attempts = f"FROM delivery_attempts WHERE webhook_id = {m} AND started_at >= {m}"
         params = (webhook_id, self._dt_bind(since))
         with self._driver(write=False) as cur:
-            cur.execute(f"SELECT d.state, {hour} AS h, count(*) {window} GROUP BY d.state, h", params)
+            cur.execute(deliveries_sql, params)
             deliveries = [(state, h, n) for state, h, n in cur.fetchall()]
             cur.execute(
-                f"SELECT {OUTCOME_CLASS_SQL} AS c, {hour} AS h, count(*), sum(a.duration_ms) {joined} GROUP BY c, h",
+                f"SELECT outcome, {hour.format('started_at')} AS h, count(*), sum(duration_ms) {attempts}"
+                " GROUP BY outcome, h",
                 params,
             )
-            attempts = [(c, h, n, int(ms)) for c, h, n, ms in cur.fetchall()]
-            total = sum(n for _, _, n, _ in attempts)
+            tried = [(c, h, n, int(ms)) for c, h, n, ms in cur.fetchall()]
+            total = sum(n for _, _, n, _ in tried)
             p50 = p95 = None
             if total and self.backend == "postgresql":
                 cur.execute(
-                    "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY a.duration_ms),"
-                    f" percentile_disc(0.95) WITHIN GROUP (ORDER BY a.duration_ms) {joined}",
+                    "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY duration_ms),"
+                    f" percentile_disc(0.95) WITHIN GROUP (ORDER BY duration_ms) {attempts}",
                     params,
                 )
                 p50, p95 = cur.fetchone()
             elif total:
-                cur.execute(f"SELECT a.duration_ms {joined} ORDER BY a.duration_ms", params)
+                cur.execute(f"SELECT duration_ms {attempts} ORDER BY duration_ms", params)
                 durations = [row[0] for row in cur.fetchall()]
                 p50, p95 = (durations[max(0, math.ceil(p * len(durations)) - 1)] for p in (0.5, 0.95))
-        return StatsCounts(deliveries=deliveries, attempts=attempts, p50=p50, p95=p95)
+        return StatsCounts(deliveries=deliveries, attempts=tried, p50=p50, p95=p95)
 
     def finished_by_team(self, *, team_ids: Sequence[int], since: datetime) -> dict[int, tuple[int, int]]:
         """(succeeded, failed) deliveries created since `since`, per team: through each team's

@@ -30,6 +30,7 @@ from justscan_mcp.models import (
     FirstScan,
     IdempotencyKey,
     Webhook,
+    outcome_class,
     storable_text,
 )
 from justscan_mcp.ratelimit import take
@@ -453,10 +454,12 @@ class Outbox(Database):
         lock = " FOR UPDATE" if self.backend == "postgresql" else ""
         with self._driver(write=True) as cur:
             cur.execute(
-                f"SELECT id, lease_owner, state FROM deliveries WHERE id IN ({self._marks(len(ids))}){lock}",  # noqa: S608
+                f"SELECT id, lease_owner, state, webhook_id FROM deliveries WHERE id IN ({self._marks(len(ids))}){lock}",  # noqa: S608
                 ids,
             )
-            rows = {row[0]: (row[1], row[2]) for row in cur.fetchall()}
+            found = cur.fetchall()
+            rows = {row[0]: (row[1], row[2]) for row in found}
+            hook_of = {row[0]: row[3] for row in found}
             mine: list[AttemptResult] = []
             cancelled: set[int] = set()
             for r in results:
@@ -481,11 +484,14 @@ class Outbox(Database):
                 [(r.state, r.number, dt(r.next_attempt_at), stamp, r.note, r.delivery_id) for r in mine],
             )
             cur.executemany(
-                "INSERT INTO delivery_attempts (delivery_id, number, worker, started_at, duration_ms,"  # noqa: S608
-                f" status_code, response_body, error, next_retry_at, retry_after_seconds) VALUES ({self._marks(10)})",
+                "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"  # noqa: S608
+                " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
+                f" VALUES ({self._marks(12)})",
                 [
                     (
                         r.delivery_id,
+                        hook_of[r.delivery_id],
+                        outcome_class(r.status_code, r.error),
                         r.number,
                         worker,
                         dt(r.started_at),
