@@ -13,6 +13,7 @@ each; the service never knows which front end called it.
     │   └── Forbidden         key valid but not allowed                      (HTTP 403)
     │       ├── McpDisabled   the key's MCP switch is off
     │       └── MissingScope  the key lacks `.scope`
+    ├── OAuthRefused          an OAuth request refused; `.error` is RFC 6749's code
     ├── ConfigError           an environment variable or flag is malformed
     └── StoreUnavailable      the database cannot be reached
 
@@ -82,6 +83,15 @@ class MissingScope(Forbidden):
         )
         self.scope = scope
         self.operation = operation
+
+
+class OAuthRefused(JustScanError):
+    """An OAuth request the authorization server refuses; `error` is the RFC 6749 error code
+    (invalid_grant, invalid_scope, invalid_target, access_denied, ...)."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
 
 
 class ConfigError(JustScanError):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict
 from pydantic import Field as PublicField
@@ -120,6 +120,94 @@ class ApiKey(SQLModel, table=True):
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
     revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
     last_used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class OAuthClient(SQLModel, table=True):
+    """An OAuth client: registered (RFC 7591) or a fetched client ID metadata document. Its
+    secret, when it has one, exists only as a hash."""
+
+    __tablename__ = "oauth_clients"
+
+    client_id: str = Field(sa_column=Column(String(255), primary_key=True))
+    secret_hash: str | None = Field(default=None, sa_column=Column(String(64), nullable=True))
+    document: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class OAuthGrant(SQLModel, table=True):
+    """What a person approved on the consent page: a client acting for a team, through one API
+    key, with some of that key's scopes. Revoking the grant, or the key, ends its tokens."""
+
+    __tablename__ = "oauth_grants"
+    __table_args__ = (Index("ix_oauth_grants_team_id_id", "team_id", "id"), {"sqlite_autoincrement": True})
+
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
+    client_id: str = Field(
+        sa_column=Column(
+            String(255), ForeignKey("oauth_clients.client_id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    team_id: int = Field(sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False))
+    key_id: int = Field(
+        sa_column=Column(IdType, ForeignKey("api_keys.id", ondelete="CASCADE"), nullable=False, index=True)
+    )
+    scopes: list[str] = Field(sa_column=Column(JSON, nullable=False))
+    resource: str = Field(sa_column=Column(String(2048), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+    revoked_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class OAuthRequest(SQLModel, table=True):
+    """An authorization request waiting for the person's consent (minutes), by a hash of its
+    handle."""
+
+    __tablename__ = "oauth_requests"
+
+    handle_hash: str = Field(sa_column=Column(String(64), primary_key=True))
+    client_id: str = Field(
+        sa_column=Column(
+            String(255), ForeignKey("oauth_clients.client_id", ondelete="CASCADE"), nullable=False
+        )
+    )
+    request: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class OAuthCode(SQLModel, table=True):
+    """An authorization code (by hash): single use; a second use revokes its grant."""
+
+    __tablename__ = "oauth_codes"
+
+    code_hash: str = Field(sa_column=Column(String(64), primary_key=True))
+    grant_id: int = Field(
+        sa_column=Column(
+            IdType, ForeignKey("oauth_grants.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    code_challenge: str = Field(sa_column=Column(String(128), nullable=False))
+    redirect_uri: str = Field(sa_column=Column(String(2048), nullable=False))
+    redirect_uri_explicit: bool = Field(sa_column=Column(Boolean, nullable=False))
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
+
+
+class OAuthToken(SQLModel, table=True):
+    """An access or refresh token (by hash). A refresh token is used once: `used_at` marks it
+    rotated, and presenting it again revokes the whole grant."""
+
+    __tablename__ = "oauth_tokens"
+
+    token_hash: str = Field(sa_column=Column(String(64), primary_key=True))
+    grant_id: int = Field(
+        sa_column=Column(
+            IdType, ForeignKey("oauth_grants.id", ondelete="CASCADE"), nullable=False, index=True
+        )
+    )
+    kind: str = Field(sa_column=Column(String(8), nullable=False))  # "access" or "refresh"
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    expires_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
 
 
 class Webhook(SQLModel, table=True):

@@ -25,11 +25,12 @@ from justscan_mcp.service.access import DASHBOARD_SESSION_TTL, AccessUseCases
 from justscan_mcp.service.admin import AdminQueries
 from justscan_mcp.service.deliveries import DeliveryUseCases
 from justscan_mcp.service.events import EventUseCases
+from justscan_mcp.service.oauth import OAuthUseCases
 from justscan_mcp.service.operations import EVENTS_WRITE, READ, WRITE
 from justscan_mcp.service.webhooks import WebhookUseCases
 
 
-class Service(AccessUseCases, AdminQueries, WebhookUseCases, EventUseCases, DeliveryUseCases):
+class Service(AccessUseCases, AdminQueries, WebhookUseCases, EventUseCases, DeliveryUseCases, OAuthUseCases):
     """Every use case, over one `Store` (the constructor is `UseCases.__init__`)."""
 
     def enable_and_recover(self, *, principal: Caller, webhook_id: int) -> RecoveryResult:

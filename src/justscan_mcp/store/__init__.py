@@ -8,7 +8,8 @@ split of a connector and its managers is the model):
 - `access`: teams, API keys, dashboard sessions;
 - `webhooks`: webhooks;
 - `deliveries`: the delivery log's reads;
-- `retention`: the sweep that deletes what is old enough.
+- `retention`: the sweep that deletes what is old enough;
+- `oauth`: the authorization server's clients, consent requests, grants, codes and tokens.
 
 Each repository uses only `Database`, never another repository, so each can be read alone.
 Driver errors are translated in `db` (`StoreUnavailable`, `Conflict`, `InvalidInput`), so nothing
@@ -21,6 +22,7 @@ from __future__ import annotations
 from justscan_mcp.store.access import LAST_USED_RESOLUTION, AccessRepository
 from justscan_mcp.store.db import Database, create_db_engine, normalise_url, redact_url
 from justscan_mcp.store.deliveries import DeliveryLog
+from justscan_mcp.store.oauth import OAuthRepository
 from justscan_mcp.store.outbox import (
     NOTIFY_CHANNEL,
     AttemptResult,
@@ -33,7 +35,9 @@ from justscan_mcp.store.retention import Purged, RetentionRepository
 from justscan_mcp.store.webhooks import WebhookRepository
 
 
-class Store(Outbox, AccessRepository, WebhookRepository, DeliveryLog, RetentionRepository, Database):
+class Store(
+    Outbox, AccessRepository, WebhookRepository, DeliveryLog, RetentionRepository, OAuthRepository, Database
+):
     """Every repository over one database: what the service and the dispatcher are given."""
 
 
@@ -47,6 +51,7 @@ __all__ = [
     "Database",
     "DeliveryLog",
     "NewestDeliveryProbe",
+    "OAuthRepository",
     "Outbox",
     "Purged",
     "RetentionRepository",
