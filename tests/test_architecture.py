@@ -61,6 +61,7 @@ RANK = {
     "dispatcher": 6,
     "app": 7,
     "mcp_server": 8,
+    "oauth_server": 8,
     "rest_api": 8,
     "dashboard": 8,
     "http_server": 9,

@@ -52,6 +52,11 @@ def _settings(args: argparse.Namespace) -> Settings:
         settings = settings.with_overrides(database_url=url, database_url_is_default=False)
     if getattr(args, "allow_private_targets", False):
         settings = settings.with_overrides(allow_private_targets=True)
+    public = getattr(args, "public_url", None)
+    if public:
+        from justscan_mcp.config import parse_public_url
+
+        settings = settings.with_overrides(public_url=parse_public_url("--public-url", public))
     return settings
 
 
@@ -497,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="HTTP port (default 8000)")
     serve.add_argument(
         "--no-dispatcher", action="store_true", help="do not run the delivery dispatcher in this process"
+    )
+    serve.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="the base URL clients reach this server at, behind a proxy (OAuth discovery and token "
+        "audience are built from it); default http://HOST:PORT; also $JUSTSCAN_PUBLIC_URL",
     )
     serve.add_argument(
         "--allowed-host",

@@ -129,6 +129,35 @@ def parse_admin_password(name: str, raw: str) -> str:
     return raw
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]", "::1")
+
+
+def parse_public_url(name: str, raw: str) -> str:
+    """The base URL clients reach the HTTP server at (behind a proxy: the proxy's). OAuth
+    discovery, token audiences and redirects are built from it, so it is checked at start.
+
+    Raises:
+        ConfigError: not an absolute http(s) URL without query or fragment, or plain http on a
+            host that is not loopback.
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{name} is not a URL: {exc}") from None
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise ConfigError(f"{name} must be an absolute http(s) URL, e.g. https://mcp.example.com")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ConfigError(f"{name} must not carry a query, a fragment or credentials")
+    if parts.scheme == "http" and host not in LOOPBACK_NAMES:
+        raise ConfigError(f"{name} must use https unless its host is loopback (OAuth 2.1 requires it)")
+    del port
+    return raw.rstrip("/")
+
+
 def default_database_url() -> str:
     """SQLite file in the user's data directory."""
     return f"sqlite:///{default_data_dir() / DB_FILENAME}"
@@ -157,6 +186,8 @@ class Settings:
     retention_days: float = DEFAULT_RETENTION_DAYS
     # Seconds a failure streak may last before the webhook is switched off; 0: never.
     disable_after: float = DEFAULT_DISABLE_AFTER
+    # The base URL clients reach `serve --transport http` at; None: http://<host>:<port>.
+    public_url: str | None = None
 
     @property
     def lease_seconds(self) -> float:
@@ -215,6 +246,7 @@ class Settings:
             max_in_flight_per_webhook=read("JUSTSCAN_MAX_IN_FLIGHT_PER_WEBHOOK", parse_in_flight, None),
             slow_lane=read("JUSTSCAN_SLOW_LANE", parse_in_flight, None),
             admin_password=read("JUSTSCAN_ADMIN_PASSWORD", parse_admin_password, None),
+            public_url=read("JUSTSCAN_PUBLIC_URL", parse_public_url, None),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
@@ -42,6 +42,7 @@ from justscan_mcp.app import App
 from justscan_mcp.errors import (
     AuthError,
     Conflict,
+    Forbidden,
     InvalidInput,
     JustScanError,
     MissingScope,
@@ -71,6 +72,12 @@ NOTICES = {
     "signed-out": "You are signed out.",
     "mcp-on": "MCP turned on for that key.",
     "mcp-off": "MCP turned off for that key.",
+    "app-revoked": "App revoked: its tokens no longer work.",
+}
+CONSENT_NEXT = "/oauth/consent?request="
+SCOPE_TEXT = {
+    "webhooks:read": "see your webhooks, their delivery logs and statistics",
+    "webhooks:write": "create, change, test and delete webhooks, and re-send deliveries",
 }
 
 SECURITY_HEADERS = {
@@ -383,10 +390,10 @@ class Dashboard:
     # --- signing in and out -----------------------------------------------------------------
 
     def login_form(
-        self, request: Request, template: str, status: int = 200, error: str | None = None
+        self, request: Request, template: str, status: int = 200, error: str | None = None, next: str = ""
     ) -> Response:
         token = secrets.token_urlsafe(32)
-        response = self.page(request, template, status, visit=None, csrf=token, error=error)
+        response = self.page(request, template, status, visit=None, csrf=token, error=error, next=next)
         response.set_cookie(
             LOGIN_CSRF_COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https"
         )
@@ -427,17 +434,20 @@ class Dashboard:
             data = await self.form_of(request, None)
             if isinstance(data, Response):
                 return data
+            # Only back to a consent request: any other target would make this an open redirect.
+            nxt = str(data.get("next") or "")
+            nxt = nxt if nxt.startswith(CONSENT_NEXT) else ""
             try:
                 token, _ = await in_thread(sign_in, str(data.get(field) or ""))
             except AuthError as exc:
                 if throttle:
                     throttle.failed(address, time.monotonic())
-                return self.login_form(request, template, 401, error=exc.message)
+                return self.login_form(request, template, 401, error=exc.message, next=nxt)
             except StoreUnavailable as exc:
-                return self.login_form(request, template, 503, error=exc.PUBLIC)
+                return self.login_form(request, template, 503, error=exc.PUBLIC, next=nxt)
             if throttle:
                 throttle.succeeded(address)
-            response = self.redirect(landing)
+            response = self.redirect(nxt or landing)
             self.set_session(response, request, token)
             response.delete_cookie(LOGIN_CSRF_COOKIE)
             return response
@@ -661,6 +671,122 @@ class Dashboard:
         await in_thread(self.service.update_api_key, key_id=int(raw), mcp_enabled=on)
         return self.redirect("/admin/keys", notice="mcp-on" if on else "mcp-off")
 
+    # --- OAuth consent and connected apps ----------------------------------------------------
+
+    async def consent_get(self, request: Request) -> Response:
+        """The consent step of the OAuth sign-in: who asks, where the answer goes, which scopes.
+        Without a key session, the sign-in form first, which comes back here."""
+        handle = request.query_params.get("request", "")
+        v = None
+        try:
+            v = await self.visit(request)
+            if v is None or v.principal is None:
+                if SESSION_COOKIE not in request.cookies and request.query_params.get("again") != "1":
+                    # The session cookie is SameSite=Strict, so the browser leaves it out of this
+                    # navigation, which an app on another site started. Loading the page again
+                    # from this origin sends it (and a person with no session signs in below).
+                    return HTMLResponse(
+                        '<!doctype html><meta http-equiv="refresh" content="0;url='
+                        f'{CONSENT_NEXT}{quote(handle)}&amp;again=1"><title>Connecting…</title>',
+                        headers=SECURITY_HEADERS,
+                    )
+                return self.login_form(request, "login.html", next=f"{CONSENT_NEXT}{quote(handle)}")
+            return await self._consent_page(request, v, handle)
+        except JustScanError as exc:
+            return self.failure(request, v, exc)
+
+    async def _consent_page(
+        self, request: Request, v: Visit, handle: str, *, status: int = 200, error: str | None = None
+    ) -> Response:
+        assert v.principal is not None
+        consent = await in_thread(self.service.consent, handle)
+        target = urlsplit(consent.redirect_uri)
+        offered = [s for s in ("webhooks:read", "webhooks:write") if v.principal.has(s)]
+        wanted = [s for s in consent.scopes if s in offered] or offered
+        response = self.page(
+            request,
+            "consent.html",
+            status,
+            visit=v,
+            consent=consent,
+            handle=handle,
+            offered=offered,
+            wanted=wanted,
+            scope_text=SCOPE_TEXT,
+            redirect_host=target.netloc,
+            redirect_local=(target.hostname or "") in ("127.0.0.1", "localhost", "::1"),
+            error=error,
+        )
+        # The answer is a redirect to the app: let this page's form lead there.
+        origin = f"{target.scheme}://{target.netloc}"
+        response.headers["Content-Security-Policy"] = SECURITY_HEADERS["Content-Security-Policy"].replace(
+            "form-action 'self'", f"form-action 'self' {origin}"
+        )
+        return response
+
+    async def consent_post(self, request: Request) -> Response:
+        v = None
+        try:
+            v = await self.visit(request)
+            if v is None or v.principal is None:
+                return self.redirect("/login")
+            data = await self.form_of(request, v)
+            if isinstance(data, Response):
+                return data
+            form = await request.form()
+            handle = str(data.get("request") or "")
+            if data.get("decision") == "approve":
+                try:
+                    uri, code, state = await in_thread(
+                        self.service.approve_authorization,
+                        principal=v.principal,
+                        handle=handle,
+                        scopes=[str(x) for x in form.getlist("scopes")],
+                    )
+                except (InvalidInput, Forbidden) as exc:
+                    return await self._consent_page(
+                        request, v, handle, status=status_of(exc), error=exc.message
+                    )
+                params = {"code": code, "state": state, "iss": self.issuer}
+            else:
+                uri, state = await in_thread(self.service.deny_authorization, handle)
+                params = {
+                    "error": "access_denied",
+                    "error_description": "the person declined",
+                    "state": state,
+                    "iss": self.issuer,
+                }
+            query = urlencode({k: v for k, v in params.items() if v is not None})
+            sep = "&" if urlsplit(uri).query else "?"
+            return RedirectResponse(
+                f"{uri}{sep}{query}", status_code=303, headers={"Cache-Control": "no-store"}
+            )
+        except JustScanError as exc:
+            return self.failure(request, v, exc)
+
+    async def apps(self, request: Request, v: Visit) -> Response:
+        assert v.principal is not None
+        listed = await in_thread(self.service.connected_apps, team_id=v.principal.team_id)
+        return self.page(request, "apps.html", visit=v, apps=listed)
+
+    async def app_revoke(self, request: Request, v: Visit) -> Response:
+        assert v.principal is not None
+        data = await self.form_of(request, v)
+        if isinstance(data, Response):
+            return data
+        if not v.can_write:
+            raise MissingScope("webhooks:write", "revoking a connected app")
+        raw = request.path_params.get("grant_id", "")
+        if not raw.isdigit():
+            raise NotFound("grant_id", f"connected app {raw} does not exist")
+        await in_thread(self.service.revoke_connected_app, grant_id=int(raw), team_id=v.principal.team_id)
+        return self.redirect("/apps", notice="app-revoked")
+
+    @property
+    def issuer(self) -> str:
+        """The authorization server's identifier (RFC 9207 `iss` on the redirect back)."""
+        return self.service.oauth_resource.removesuffix("/mcp")
+
     def routes(self) -> list[BaseRoute]:
         """The dashboard's routes, for the HTTP server to mount at `/`."""
         # GET and POST are separate routes: a page never changes anything, and every change is a
@@ -692,6 +818,10 @@ class Dashboard:
                 self.guarded(self.redeliver, operator=False),
                 methods=["POST"],
             ),
+            Route("/oauth/consent", self.consent_get, methods=["GET"]),
+            Route("/oauth/consent", self.consent_post, methods=["POST"]),
+            Route("/apps", self.guarded(self.apps, operator=False), methods=["GET"]),
+            Route("/apps/{grant_id}/revoke", self.guarded(self.app_revoke, operator=False), methods=["POST"]),
             Route("/admin/login", self.sign_in_form("admin_login.html"), methods=["GET"]),
             Route(
                 "/admin/login",

@@ -32,6 +32,8 @@ from justscan_mcp.app import App
 from justscan_mcp.errors import McpDisabled, StoreUnavailable, Unauthenticated
 from justscan_mcp.mcp_server import build_mcp_server
 from justscan_mcp.models import Principal, UncheckedKey
+from justscan_mcp.oauth_server import MCP_SCOPES, oauth_routes, resource_metadata_url, resource_url
+from justscan_mcp.service.oauth import looks_like_access_token
 from justscan_mcp.threads import in_thread
 
 log = logging.getLogger("justscan_mcp.http")
@@ -65,24 +67,60 @@ def transport_security(bind_host: str, port: int, extra_hosts: Sequence[str]) ->
     )
 
 
-def _json(status: int, error: str, description: str, *, www_auth: bool = False) -> JSONResponse:
+def _json(
+    status: int, error: str, description: str, *, www_auth: bool = False, metadata: str | None = None
+) -> JSONResponse:
     headers = {}
     if www_auth:
         # Header values are latin-1 and quoted: keep the reason printable ASCII without quotes.
         safe = description.encode("ascii", "replace").decode().replace('"', "'")
-        headers["WWW-Authenticate"] = f'Bearer error="{error}", error_description="{safe}"'
+        challenge = f'Bearer error="{error}", error_description="{safe}"'
+        if metadata:
+            # Where an OAuth client finds the authorization server (RFC 9728 §5.1), and the
+            # scopes to ask for.
+            challenge += f', resource_metadata="{metadata}", scope="{" ".join(MCP_SCOPES)}"'
+        headers["WWW-Authenticate"] = challenge
     return JSONResponse(
         {"error": error, "error_description": description}, status_code=status, headers=headers
     )
 
 
 class BearerKeyAuth:
-    """ASGI middleware: authenticate the API key on every MCP request (401 / 403 with a reason)."""
+    """ASGI middleware: authenticate the API key or OAuth access token on every MCP request
+    (401 / 403 with a reason; a 401 names the OAuth resource metadata)."""
 
-    def __init__(self, app: ASGIApp, *, justscan: App) -> None:
+    def __init__(self, app: ASGIApp, *, justscan: App, metadata_url: str | None = None) -> None:
         self.app = app
         self.justscan = justscan
         self.service = justscan.service
+        self.metadata_url = metadata_url
+
+    def _caller(self, raw: str, path: str) -> tuple[Principal | UncheckedKey, int | None]:
+        """The caller of a bearer credential and, for an OAuth token, its grant.
+
+        Raises:
+            Unauthenticated, McpDisabled.
+        """
+        if looks_like_access_token(raw):
+            holder = self.service.verify_access_token(raw)
+            if holder is None:
+                raise Unauthenticated(
+                    "the access token is unknown, expired or revoked; refresh it or sign in again"
+                )
+            principal = self.service.principal_for_grant(holder.grant_id)
+            if not path.startswith(SSE_MESSAGES):
+                self.service.require_mcp(principal)
+            return principal, holder.grant_id
+        if path.startswith(SSE_MESSAGES):
+            # A message for an open SSE session: an HTTP refusal here would only reach the
+            # client's log and leave its call waiting forever. Identify the key (unknown: 401)
+            # and let the MCP gate, which re-reads the key for every request (revoked, MCP
+            # off), answer on the stream with the reason; the SDK refuses a message for a
+            # session another key opened.
+            return self.service.identify_key(raw or None), None
+        caller = self.service.authenticate(raw or None)
+        self.service.require_mcp(caller)
+        return caller, None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(MCP_PATHS):
@@ -99,18 +137,11 @@ class BearerKeyAuth:
         scheme, _, raw_key = header.partition(" ")
         raw_key = raw_key.strip() if scheme.lower() == "bearer" else ""
         try:
-            if scope["path"].startswith(SSE_MESSAGES):
-                # A message for an open SSE session: an HTTP refusal here would only reach the
-                # client's log and leave its call waiting forever. Identify the key (unknown: 401)
-                # and let the MCP gate, which re-reads the key for every request (revoked, MCP
-                # off), answer on the stream with the reason; the SDK refuses a message for a
-                # session another key opened.
-                caller: Principal | UncheckedKey = await in_thread(self.service.identify_key, raw_key or None)
-            else:
-                caller = await in_thread(self.service.authenticate, raw_key or None)
-                self.service.require_mcp(caller)
+            caller, grant_id = await in_thread(self._caller, raw_key, scope["path"])
         except Unauthenticated as exc:
-            await _json(401, "invalid_token", exc.message, www_auth=True)(scope, receive, send)
+            await _json(401, "invalid_token", exc.message, www_auth=True, metadata=self.metadata_url)(
+                scope, receive, send
+            )
             return
         except McpDisabled as exc:
             await _json(403, "mcp_disabled", exc.message)(scope, receive, send)
@@ -121,7 +152,13 @@ class BearerKeyAuth:
         # The AccessToken never carries the key itself: only its id, so nothing secret can leak from it.
         ident = f"key-{caller.key_id}"
         scopes = sorted(caller.scopes) if isinstance(caller, Principal) else []
-        token = AccessToken(token=ident, client_id=ident, scopes=scopes, claims={"key_id": caller.key_id})
+        claims: dict[str, Any] = {"key_id": caller.key_id}
+        if grant_id is not None:
+            # The session belongs to the grant: a token of another app acting through the same
+            # key must not reach it.
+            ident = f"grant-{grant_id}"
+            claims["grant_id"] = grant_id
+        token = AccessToken(token=ident, client_id=ident, scopes=scopes, claims=claims)
         user = AuthenticatedUser(token)
         scope["user"] = user
         scope["auth"] = AuthCredentials(token.scopes)
@@ -194,6 +231,15 @@ class BodyLimit:
         )
 
 
+def default_public_url(host: str, port: int) -> str:
+    """http://HOST:PORT, with a wildcard bind address read as loopback (no client can reach
+    0.0.0.0); behind a proxy, set JUSTSCAN_PUBLIC_URL instead."""
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 - comparing, not binding
+        host = "127.0.0.1"
+    name = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{name}:{port}"
+
+
 def build_http_app(
     app: App,
     *,
@@ -203,6 +249,8 @@ def build_http_app(
     dispatcher: bool = True,
 ) -> Starlette:
     """The ASGI app of `serve --transport http`."""
+    public_url = app.settings.public_url or default_public_url(host, port)
+    app.service.oauth_resource = resource_url(public_url)
     mcp = build_mcp_server(app)
     security = transport_security(host, port, [*app.settings.allowed_hosts, *allowed_hosts])
     streamable = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
@@ -231,6 +279,7 @@ def build_http_app(
         Mount(API_PREFIX, app=build_rest_api(app)),
         *streamable.routes,
         *sse.routes,
+        *oauth_routes(app, public_url),
         *build_dashboard(app),
     ]
 
@@ -242,6 +291,6 @@ def build_http_app(
     starlette = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={404: not_found, 405: not_found}
     )
-    starlette.add_middleware(BearerKeyAuth, justscan=app)
+    starlette.add_middleware(BearerKeyAuth, justscan=app, metadata_url=resource_metadata_url(public_url))
     starlette.add_middleware(BodyLimit)
     return starlette

@@ -159,14 +159,20 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None) -> MCPServer[
 
     async def resolve() -> Principal:
         key_id = fixed_key_id
+        grant_id = None
         if key_id is None:
             token = get_access_token()
             claims = token.claims if token is not None else None
             if not claims or not isinstance(claims.get("key_id"), int):
                 raise MCPError(UNAUTHENTICATED_CODE, "no API key: send Authorization: Bearer jsi_...")
             key_id = claims["key_id"]
+            grant_id = claims.get("grant_id")
         try:
-            principal = await in_thread(service.principal_for_key_id, key_id)
+            if isinstance(grant_id, int):
+                # An OAuth token: its grant's scopes, re-read (revoked grants end at once).
+                principal = await in_thread(service.principal_for_grant, grant_id)
+            else:
+                principal = await in_thread(service.principal_for_key_id, key_id)
             service.require_mcp(principal)
         except AuthError as exc:
             code = UNAUTHENTICATED_CODE if isinstance(exc, Unauthenticated) else FORBIDDEN_CODE

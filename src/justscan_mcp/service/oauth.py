@@ -104,9 +104,12 @@ class OAuthUseCases(UseCases):
 
     # --- clients ------------------------------------------------------------------------------
 
-    def register_oauth_client(self, *, document: Mapping[str, Any], secret: str | None) -> str:
-        """Store a client's metadata (RFC 7591) and the hash of its secret; returns its new id."""
-        client_id = CLIENT_PREFIX + secrets.token_urlsafe(16)
+    def register_oauth_client(
+        self, *, document: Mapping[str, Any], secret: str | None, client_id: str | None = None
+    ) -> str:
+        """Store a client's metadata (RFC 7591) and the hash of its secret; returns its id (a new
+        one unless the registration endpoint chose it)."""
+        client_id = client_id or CLIENT_PREFIX + secrets.token_urlsafe(16)
         doc = {k: v for k, v in document.items() if k not in ("client_id", "client_secret")}
         self.store.add_oauth_client(
             OAuthClient(
