@@ -187,6 +187,11 @@ def test_usage_errors_exit_2(db_url: str, args):
     assert proc.returncode == 2 and proc.stdout == "" and "usage:" in proc.stderr
 
 
+def test_a_bad_public_url_stops_serve_at_start(db_url: str):
+    proc = run(db_url, "serve", "--transport", "http", "--port", "1", "--public-url", "http://mcp.example.com")
+    assert proc.returncode == 1 and "--public-url" in proc.stderr and "https" in proc.stderr
+
+
 def test_malformed_environment_is_reported(db_url: str):
     proc = run(db_url, "team", "list", env=child_env(db_url, JUSTSCAN_ALLOW_PRIVATE_TARGETS="perhaps"))
     assert proc.returncode == 1 and "JUSTSCAN_ALLOW_PRIVATE_TARGETS" in proc.stderr

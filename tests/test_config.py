@@ -58,9 +58,27 @@ def test_booleans_read_the_spec_spellings(raw: str, expected: bool):
         ("JUSTSCAN_RETRY_SCHEDULE", "nan"),
         ("JUSTSCAN_DELIVERY_TIMEOUT", "0"),
         ("JUSTSCAN_DELIVERY_TIMEOUT", "ten"),
+        ("JUSTSCAN_PUBLIC_URL", "mcp.example.com"),
+        ("JUSTSCAN_PUBLIC_URL", "ftp://mcp.example.com"),
+        ("JUSTSCAN_PUBLIC_URL", "http://mcp.example.com"),
+        ("JUSTSCAN_PUBLIC_URL", "https://mcp.example.com/?x=1"),
+        ("JUSTSCAN_PUBLIC_URL", "https://user:pw@mcp.example.com"),
+        ("JUSTSCAN_PUBLIC_URL", "https://mcp.example.com:99999"),
     ],
 )
 def test_malformed_values_name_the_variable(name: str, raw: str):
     with pytest.raises(ConfigError) as err:
         Settings.from_env({name: raw})
     assert name in err.value.message
+
+
+def test_the_public_url_is_https_or_loopback_and_loses_its_trailing_slash():
+    assert (
+        Settings.from_env({"JUSTSCAN_PUBLIC_URL": "https://mcp.example.com/"}).public_url
+        == "https://mcp.example.com"
+    )
+    assert (
+        Settings.from_env({"JUSTSCAN_PUBLIC_URL": "http://127.0.0.1:8000"}).public_url
+        == "http://127.0.0.1:8000"
+    )
+    assert Settings.from_env({}).public_url is None
