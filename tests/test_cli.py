@@ -188,7 +188,9 @@ def test_usage_errors_exit_2(db_url: str, args):
 
 
 def test_a_bad_public_url_stops_serve_at_start(db_url: str):
-    proc = run(db_url, "serve", "--transport", "http", "--port", "1", "--public-url", "http://mcp.example.com")
+    proc = run(
+        db_url, "serve", "--transport", "http", "--port", "1", "--public-url", "http://mcp.example.com"
+    )
     assert proc.returncode == 1 and "--public-url" in proc.stderr and "https" in proc.stderr
 
 

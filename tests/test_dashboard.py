@@ -250,6 +250,26 @@ def test_operator_area_needs_the_admin_password_and_sees_every_team(dash: HttpSe
     assert op.get("/webhooks").url.path == "/admin"  # the operator has no team of its own
 
 
+def test_the_operator_sees_and_revokes_any_teams_connected_app(dash: HttpServer, app: App, kit: TeamKit):
+    client = app.service.register_oauth_client(
+        document={"client_name": "Some assistant", "redirect_uris": ["http://127.0.0.1:1/cb"]}, secret=None
+    )
+    handle = app.service.begin_authorization(
+        client_id=client, request={"code_challenge": "c" * 43, "redirect_uri": "http://127.0.0.1:1/cb"}
+    )
+    app.service.approve_authorization(principal=kit.principal(), handle=handle, scopes=["webhooks:read"])
+    (grant,) = app.service.connected_apps(team_id=kit.team.id)
+    op, csrf = sign_in_operator(dash)
+    page = op.get("/admin").text
+    assert f'data-grant="{grant["grant_id"]}"' in page and "Some assistant" in page
+    assert op.post("/admin/apps/999999999/revoke", data={"csrf": csrf}).status_code == 404
+    assert op.post(f"/admin/apps/{grant['grant_id']}/revoke", data={"csrf": "forged"}).status_code == 403
+    assert app.service.connected_apps(team_id=kit.team.id) != []
+    done = op.post(f"/admin/apps/{grant['grant_id']}/revoke", data={"csrf": csrf})
+    assert "App revoked" in done.text
+    assert app.service.connected_apps(team_id=kit.team.id) == []
+
+
 def test_admin_area_is_closed_without_a_configured_password(db_url: str, tmp_path: Path):
     with spawn_server(child_env(db_url), tmp_path / "server.log", "--no-dispatcher") as server:
         c = browser(server)

@@ -650,7 +650,20 @@ class Dashboard:
             failing_before=self.page_position(request, "failing_before"),
         )
         names = {t.id: t.name for t in overview.teams}
-        return self.page(request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW)
+        apps = await in_thread(self.service.connected_apps, team_id=None, limit=100)
+        return self.page(
+            request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW, apps=apps
+        )
+
+    async def admin_app_revoke(self, request: Request, v: Visit) -> Response:
+        data = await self.form_of(request, v)
+        if isinstance(data, Response):
+            return data
+        raw = request.path_params.get("grant_id", "")
+        if not raw.isdigit():
+            raise NotFound("grant_id", f"connected app {raw} does not exist")
+        await in_thread(self.service.revoke_connected_app, grant_id=int(raw), team_id=None)
+        return self.redirect("/admin", notice="app-revoked")
 
     async def admin_keys(self, request: Request, v: Visit) -> Response:
         listing = await in_thread(
@@ -832,6 +845,11 @@ class Dashboard:
             ),
             Route("/admin", self.guarded(self.admin, operator=True), methods=["GET"]),
             Route("/admin/keys", self.guarded(self.admin_keys, operator=True), methods=["GET"]),
+            Route(
+                "/admin/apps/{grant_id}/revoke",
+                self.guarded(self.admin_app_revoke, operator=True),
+                methods=["POST"],
+            ),
             Route(
                 "/admin/keys/{key_id}/mcp",
                 self.guarded(self.admin_key_switch, operator=True),

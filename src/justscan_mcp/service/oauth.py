@@ -387,11 +387,13 @@ class OAuthUseCases(UseCases):
 
     # --- connected apps -----------------------------------------------------------------------
 
-    def connected_apps(self, *, team_id: int) -> list[dict[str, Any]]:
-        """A team's live grants: client, scopes, key, created and last used."""
+    def connected_apps(self, *, team_id: int | None, limit: int = 1000) -> list[dict[str, Any]]:
+        """Live grants (a team's; every team's for the operator, team_id None): client, scopes,
+        key, created and last used."""
         return [
             {
                 "grant_id": g.id,
+                "team_id": g.team_id,
                 "client_id": g.client_id,
                 "client_name": doc.get("client_name") or g.client_id,
                 "scopes": list(g.scopes),
@@ -399,7 +401,7 @@ class OAuthUseCases(UseCases):
                 "created_at": g.created_at,
                 "last_used_at": g.last_used_at,
             }
-            for g, doc in self.store.grants_of_team(team_id)
+            for g, doc in self.store.live_grants(team_id=team_id, limit=limit)
         ]
 
     def revoke_connected_app(self, *, grant_id: int, team_id: int | None) -> None:

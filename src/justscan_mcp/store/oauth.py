@@ -130,14 +130,18 @@ class OAuthRepository(Database):
         with self.session(write=True) as s:
             s.execute(update(OAuthGrant).where(col(OAuthGrant.id) == grant_id).values(last_used_at=now))
 
-    def grants_of_team(self, team_id: int) -> list[tuple[OAuthGrant, dict[str, Any]]]:
-        """A team's live grants with their client's document, newest first."""
+    def live_grants(
+        self, *, team_id: int | None, limit: int = 1000
+    ) -> list[tuple[OAuthGrant, dict[str, Any]]]:
+        """Live grants (of one team, or of all for the operator) with their client's document,
+        newest first."""
         with self.session() as s:
-            rows = s.exec(
+            q = (
                 select(OAuthGrant, OAuthClient)
                 .join(OAuthClient, col(OAuthClient.client_id) == col(OAuthGrant.client_id))
-                .where(col(OAuthGrant.team_id) == team_id)
                 .where(col(OAuthGrant.revoked_at).is_(None))
-                .order_by(col(OAuthGrant.id).desc())
-            ).all()
+            )
+            if team_id is not None:
+                q = q.where(col(OAuthGrant.team_id) == team_id)
+            rows = s.exec(q.order_by(col(OAuthGrant.id).desc()).limit(limit)).all()
             return [(g, dict(c.document)) for g, c in rows]
