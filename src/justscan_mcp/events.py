@@ -9,7 +9,7 @@ field is an optional string; unknown fields are refused so that a typo does not 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -140,3 +140,42 @@ def envelope(event: str, data: _Data, timestamp: datetime) -> bytes:
         "data": data.model_dump(mode="json"),
     }
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+EXAMPLE_DATA: dict[str, dict[str, Any]] = {
+    "scan": {"qr_code_id": 42, "scan_id": 9001, "device": "mobile", "country": "DE", "utm_source": "poster"},
+    "first_scan": {"qr_code_id": 42, "scan_id": 9001, "device": "mobile", "country": "DE"},
+    "form_submit": {
+        "landing_page_id": 7,
+        "title": "Stadium raffle",
+        "slug": "raffle",
+        "fields": {"email": "fan@example.com", "seat": "B12"},
+    },
+    "file_download": {"shared_file_id": 3, "qr_code_id": 42, "scan_id": 9002, "title": "Menu.pdf"},
+    "test": {"test": True, "webhook_id": 1},
+}
+
+
+def event_schema(event: str) -> dict[str, Any]:
+    """A JSON Schema of the body a receiver gets for `event`, from the model that validates its
+    data (so the two cannot drift), with an example envelope.
+
+    Raises:
+        KeyError: for an unknown event.
+    """
+    data = DATA_MODELS[event]
+    example_data = data.model_validate(EXAMPLE_DATA[event])
+    example = json.loads(envelope(event, example_data, datetime(2026, 11, 29, 12, 0, tzinfo=UTC)))
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"Just Scan It `{event}` webhook body",
+        "type": "object",
+        "required": ["event", "timestamp", "data"],
+        "additionalProperties": False,
+        "properties": {
+            "event": {"const": event},
+            "timestamp": {"type": "string", "format": "date-time"},
+            "data": data.model_json_schema(),
+        },
+        "examples": [example],
+    }
