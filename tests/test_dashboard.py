@@ -267,6 +267,16 @@ def test_the_operator_sees_and_revokes_any_teams_connected_app(dash: HttpServer,
     assert app.service.connected_apps(team_id=kit.team.id) != []
     done = op.post(f"/admin/apps/{grant['grant_id']}/revoke", data={"csrf": csrf})
     assert "App revoked" in done.text
+    # The confirmation audit log is readable there too.
+    app.service.record_confirmation(
+        principal=kit.principal(),
+        tool="delete_webhook",
+        webhook_id=None,
+        question="Delete <b>#1</b>?",
+        answer="decline",
+    )
+    audit = op.get("/admin").text
+    assert "Delete &lt;b&gt;#1&lt;/b&gt;?" in audit and "<td>decline</td>" in audit
     assert app.service.connected_apps(team_id=kit.team.id) == []
 
 

@@ -651,8 +651,16 @@ class Dashboard:
         )
         names = {t.id: t.name for t in overview.teams}
         apps = await in_thread(self.service.connected_apps, team_id=None, limit=100)
+        confirmations = await in_thread(self.service.recent_confirmations, limit=100)
         return self.page(
-            request, "admin.html", visit=v, overview=overview, names=names, preview=BODY_PREVIEW, apps=apps
+            request,
+            "admin.html",
+            visit=v,
+            overview=overview,
+            names=names,
+            preview=BODY_PREVIEW,
+            apps=apps,
+            confirmations=confirmations,
         )
 
     async def admin_app_revoke(self, request: Request, v: Visit) -> Response:

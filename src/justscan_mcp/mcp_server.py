@@ -24,9 +24,19 @@ from mcp import MCPError
 from mcp.server import MCPServer
 from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.context import ServerRequestContext
+from mcp.server.elicitation import render_elicitation_schema
+from mcp.server.mcpserver import Context
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
-from mcp.types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field
+from mcp.types import (
+    CallToolResult,
+    ElicitRequest,
+    ElicitRequestFormParams,
+    InputRequiredResult,
+    TextContent,
+    ToolAnnotations,
+)
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 
 from justscan_mcp import __version__
@@ -35,6 +45,7 @@ from justscan_mcp.errors import AuthError, JustScanError, StoreUnavailable, Unau
 from justscan_mcp.inputs import field_type
 from justscan_mcp.models import DeliveryPage, Principal, TestOutcome
 from justscan_mcp.service import Service
+from justscan_mcp.service.confirmations import CONFIRMED_TOOLS
 from justscan_mcp.service.operations import OPERATIONS, TOOL_SCOPES, Operation, invoke
 from justscan_mcp.threads import in_thread
 
@@ -105,15 +116,97 @@ def _parameter(name: str, info: FieldInfo) -> inspect.Parameter:
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
+class Confirm(BaseModel):
+    """What a person answers when asked to confirm a destructive call."""
+
+    confirm: bool = Field(default=True, description="Go ahead")
+
+
+def _can_elicit(ctx: Context[Any] | None) -> bool:
+    caps = ctx.client_capabilities if ctx is not None else None
+    return caps is not None and caps.elicitation is not None
+
+
+CONFIRM_KEY = "confirm"
+
+
+def _answer(response: Any) -> str:
+    """accept, decline or cancel, from an elicitation's result (an unticked box is a no)."""
+    action = getattr(response, "action", "cancel")
+    if action != "accept":
+        return "decline" if action == "decline" else "cancel"
+    content = getattr(response, "content", None) or {}
+    return "accept" if content.get("confirm", False) is True else "decline"
+
+
+async def _confirmed(
+    ctx: Context[Any], service: Service, op: Operation, principal: Principal, args: dict[str, Any]
+) -> InputRequiredResult | None:
+    """Ask the person first, when the client can ask (elicitation), and log the answer. On a
+    connection with a back-channel (the initialize handshake) the question goes out during the
+    call; on 2026-07-28 the call answers `input_required` and the client retries with the answer.
+    Returns that `InputRequiredResult` on the first round, None once confirmed.
+
+    Raises:
+        ToolError: declined or cancelled (nothing changed), or the call itself would fail.
+    """
+    try:
+        asked = await in_thread(service.confirmation_question, principal=principal, tool=op.name, args=args)
+    except JustScanError as exc:
+        raise _tool_error(exc) from exc
+    if asked is None:
+        return None
+    question, webhook_id = asked
+    responses = ctx.input_responses
+    if responses is not None and CONFIRM_KEY in responses:
+        answer = _answer(responses[CONFIRM_KEY])
+    elif ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        schema = render_elicitation_schema(Confirm)
+        return InputRequiredResult(
+            input_requests={
+                CONFIRM_KEY: ElicitRequest(
+                    params=ElicitRequestFormParams(message=question, requested_schema=schema)
+                )
+            },
+            request_state=op.name,
+        )
+    else:
+        try:
+            result = await ctx.elicit(question, Confirm)
+        except ValueError:  # accepted without (valid) content
+            answer = "cancel"
+        else:
+            answer = result.action if result.action != "accept" or result.data.confirm else "decline"
+    await in_thread(
+        service.record_confirmation,
+        principal=principal,
+        tool=op.name,
+        webhook_id=webhook_id,
+        question=question,
+        answer=answer,
+    )
+    if answer != "accept":
+        said = "declined" if answer == "decline" else "cancelled"
+        raise ToolError(f"Nothing changed: the user {said} ({question})")
+    return None
+
+
 def _tool(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
     """The tool function of an operation: its signature (what the SDK builds the input schema
-    and the output schema from) comes from the operation's input and output models."""
+    and the output schema from) comes from the operation's input and output models. Every tool
+    gets the request context (`ctx`, not part of its schema); the destructive ones use it to
+    ask for a confirmation."""
 
-    async def tool(**arguments: Any) -> Any:
+    async def tool(ctx: Context[Any], **arguments: Any) -> Any:
         # An omitted argument arrives as its default (None): the use case sees it as not given.
         given = {k: v for k, v in arguments.items() if v is not None}
+        principal = current_principal()
+        if op.name in CONFIRMED_TOOLS and _can_elicit(ctx):
+            pending = await _confirmed(ctx, service, op, principal, given)
+            if pending is not None:
+                return pending
         try:
-            result = await invoke(service, op.name, principal=current_principal(), args=given)
+            result = await invoke(service, op.name, principal=principal, args=given)
         except JustScanError as exc:
             raise _tool_error(exc) from exc
         return _present(result)
@@ -121,7 +214,8 @@ def _tool(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
     fields = op.input.model_fields.items()
     required = [_parameter(n, f) for n, f in fields if f.is_required()]
     optional = [_parameter(n, f) for n, f in fields if not f.is_required()]
-    tool.__signature__ = inspect.Signature([*required, *optional], return_annotation=op.output)  # type: ignore[attr-defined]
+    context = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=Context)
+    tool.__signature__ = inspect.Signature([*required, *optional, context], return_annotation=op.output)  # type: ignore[attr-defined]
     tool.__name__ = op.name
     return tool
 

@@ -210,6 +210,23 @@ class OAuthToken(SQLModel, table=True):
     used_at: datetime | None = Field(default=None, sa_column=Column(UTCDateTime(), nullable=True))
 
 
+class ToolConfirmation(SQLModel, table=True):
+    """The audit log of confirmations: who was asked to confirm which destructive tool call, on
+    what, and what they answered (accept, decline or cancel)."""
+
+    __tablename__ = "tool_confirmations"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: int | None = Field(default=None, sa_column=Column(IdType, primary_key=True))
+    team_id: int = Field(sa_column=Column(IdType, ForeignKey("teams.id", ondelete="CASCADE"), nullable=False))
+    key_id: int = Field(sa_column=Column(IdType, nullable=False))
+    tool: str = Field(sa_column=Column(String(64), nullable=False))
+    webhook_id: int | None = Field(default=None, sa_column=Column(IdType, nullable=True))
+    question: str = Field(sa_column=Column(String(1000), nullable=False))
+    answer: str = Field(sa_column=Column(String(16), nullable=False))
+    created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
 class Webhook(SQLModel, table=True):
     __tablename__ = "webhooks"
     # Keyset pagination walks (team_id, id); AUTOINCREMENT keeps ids of deleted rows from coming back.

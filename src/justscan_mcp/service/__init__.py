@@ -23,6 +23,7 @@ from justscan_mcp.inputs import DEFAULT_ROTATION_GRACE, MAX_ROTATION_GRACE
 from justscan_mcp.models import Caller, RecoveryResult
 from justscan_mcp.service.access import DASHBOARD_SESSION_TTL, AccessUseCases
 from justscan_mcp.service.admin import AdminQueries
+from justscan_mcp.service.confirmations import ConfirmationUseCases
 from justscan_mcp.service.deliveries import DeliveryUseCases
 from justscan_mcp.service.events import EventUseCases
 from justscan_mcp.service.oauth import OAuthUseCases
@@ -30,7 +31,15 @@ from justscan_mcp.service.operations import EVENTS_WRITE, READ, WRITE
 from justscan_mcp.service.webhooks import WebhookUseCases
 
 
-class Service(AccessUseCases, AdminQueries, WebhookUseCases, EventUseCases, DeliveryUseCases, OAuthUseCases):
+class Service(
+    AccessUseCases,
+    AdminQueries,
+    WebhookUseCases,
+    EventUseCases,
+    DeliveryUseCases,
+    OAuthUseCases,
+    ConfirmationUseCases,
+):
     """Every use case, over one `Store` (the constructor is `UseCases.__init__`)."""
 
     def enable_and_recover(self, *, principal: Caller, webhook_id: int) -> RecoveryResult:

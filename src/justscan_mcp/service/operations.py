@@ -114,6 +114,12 @@ def _update_arguments(args: dict[str, Any]) -> dict[str, Any]:
     return {"webhook_id": changes.pop("webhook_id", None), "changes": changes}
 
 
+CONFIRMATION_NOTE = (
+    "\n\nWhen the client supports elicitation, the user is asked to confirm first, naming the webhook "
+    "by URL (declining or cancelling changes nothing); clients without it should have their host "
+    "confirm, as the destructive hint asks."
+)
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         name="create_webhook",
@@ -168,7 +174,8 @@ OPERATIONS: tuple[Operation, ...] = (
     Operation(
         name="delete_webhook",
         title="Delete webhook",
-        description="Delete one of your team's webhooks permanently; it stops receiving events at once.",
+        description="Delete one of your team's webhooks permanently; it stops receiving events at once."
+        + CONFIRMATION_NOTE,
         scope=WRITE,
         hints=Hints(read_only=False, destructive=True, idempotent=True, open_world=False),
         input=WebhookRef,
@@ -239,7 +246,7 @@ OPERATIONS: tuple[Operation, ...] = (
         title="Rotate secret",
         description="Issue a new signing secret for a webhook and return it (shown only here: give it to "
         "the user). X-Webhook-Signature uses the new secret at once; the Standard Webhooks "
-        "webhook-signature header carries both signatures until the grace period ends.",
+        "webhook-signature header carries both signatures until the grace period ends." + CONFIRMATION_NOTE,
         scope=WRITE,
         hints=Hints(read_only=False, destructive=True, idempotent=False, open_world=False),
         input=SecretRotationInput,
@@ -256,7 +263,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "(until another, or now), as new deliveries linked to the originals (redelivery_of). An event "
         "already delivered since, or on its way, is not sent twice, so calling again is safe. "
         "dry_run=true only counts. At most 10,000 per call: when `more` is true, call again with the "
-        "same arguments to continue. The webhook must be active.",
+        "same arguments to continue. The webhook must be active." + CONFIRMATION_NOTE,
         scope=WRITE,
         hints=Hints(read_only=False, destructive=False, idempotent=True, open_world=True),
         input=DeliveryRecoveryInput,

@@ -9,7 +9,8 @@ split of a connector and its managers is the model):
 - `webhooks`: webhooks;
 - `deliveries`: the delivery log's reads;
 - `retention`: the sweep that deletes what is old enough;
-- `oauth`: the authorization server's clients, consent requests, grants, codes and tokens.
+- `oauth`: the authorization server's clients, consent requests, grants, codes and tokens;
+- `audit`: the confirmations asked before destructive tool calls.
 
 Each repository uses only `Database`, never another repository, so each can be read alone.
 Driver errors are translated in `db` (`StoreUnavailable`, `Conflict`, `InvalidInput`), so nothing
@@ -20,6 +21,7 @@ the service through a worker thread so the event loop never waits on IO.
 from __future__ import annotations
 
 from justscan_mcp.store.access import LAST_USED_RESOLUTION, AccessRepository
+from justscan_mcp.store.audit import AuditRepository
 from justscan_mcp.store.db import Database, create_db_engine, normalise_url, redact_url
 from justscan_mcp.store.deliveries import DeliveryLog
 from justscan_mcp.store.oauth import OAuthRepository
@@ -36,7 +38,14 @@ from justscan_mcp.store.webhooks import WebhookRepository
 
 
 class Store(
-    Outbox, AccessRepository, WebhookRepository, DeliveryLog, RetentionRepository, OAuthRepository, Database
+    Outbox,
+    AccessRepository,
+    WebhookRepository,
+    DeliveryLog,
+    RetentionRepository,
+    OAuthRepository,
+    AuditRepository,
+    Database,
 ):
     """Every repository over one database: what the service and the dispatcher are given."""
 
@@ -46,6 +55,7 @@ __all__ = [
     "NOTIFY_CHANNEL",
     "AccessRepository",
     "AttemptResult",
+    "AuditRepository",
     "Claimed",
     "Claims",
     "Database",
