@@ -57,6 +57,7 @@ RANK = {
     "store": 5,
     "migrations": 4,
     "sender": 5,
+    "client_documents": 5,
     "service": 6,
     "dispatcher": 6,
     "app": 7,

@@ -296,6 +296,7 @@ def oauth_routes(app: App, public_url: str) -> list[Route]:
         | {
             "issuer": public_url,
             "token_endpoint_auth_methods_supported": ["none", "client_secret_post", "client_secret_basic"],
+            "client_id_metadata_document_supported": True,
         }
     )
     authenticator = HashedSecrets(provider)  # type: ignore[arg-type]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+from justscan_mcp.client_documents import fetch_client_document, looks_like_document_url
 from justscan_mcp.errors import InvalidInput, NotFound, OAuthRefused, Unauthenticated
 from justscan_mcp.models import (
     OAuthClient,
@@ -29,6 +31,9 @@ REFRESH_TTL = timedelta(days=30)
 CODE_TTL = timedelta(minutes=5)
 REQUEST_TTL = timedelta(minutes=10)
 GRANT_LAST_USED_RESOLUTION = timedelta(seconds=60)
+DOCUMENT_TTL = timedelta(hours=1)  # how long a fetched client metadata document is trusted
+
+log = logging.getLogger(__name__)
 
 
 def looks_like_access_token(value: str) -> bool:
@@ -122,9 +127,27 @@ class OAuthUseCases(UseCases):
         return client_id
 
     def oauth_client(self, client_id: str) -> tuple[dict[str, Any], str | None] | None:
-        """A client's metadata and its secret's hash, or None."""
+        """A client's metadata and its secret's hash, or None. A client_id that is a URL is a
+        client ID metadata document: fetched under the webhook address rules, then kept for
+        `DOCUMENT_TTL` (a failed fetch keeps an older copy out of use: None)."""
         found = self.store.get_oauth_client(client_id)
-        return (dict(found.document), found.secret_hash) if found is not None else None
+        if not looks_like_document_url(client_id):
+            return (dict(found.document), found.secret_hash) if found is not None else None
+        now = self.clock()
+        if found is not None and now - found.created_at < DOCUMENT_TTL:
+            return dict(found.document), None
+        try:
+            document = fetch_client_document(
+                client_id, allow_private=self.settings.allow_private_targets, resolve=self.resolver
+            )
+        except InvalidInput as exc:
+            log.warning("client metadata document refused: %s", exc.reason)
+            return None
+        doc = {k: v for k, v in document.items() if k not in ("client_id", "client_secret")}
+        self.store.put_oauth_client(
+            OAuthClient(client_id=client_id, secret_hash=None, document=doc, created_at=now)
+        )
+        return doc, None
 
     # --- consent ------------------------------------------------------------------------------
 

@@ -25,6 +25,11 @@ class OAuthRepository(Database):
         with self.session(write=True) as s:
             s.add(client)
 
+    def put_oauth_client(self, client: OAuthClient) -> None:
+        """Insert or replace (a refreshed client metadata document)."""
+        with self.session(write=True) as s:
+            s.merge(client)
+
     def get_oauth_client(self, client_id: str) -> OAuthClient | None:
         with self.session() as s:
             return s.get(OAuthClient, client_id)
