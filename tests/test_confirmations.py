@@ -146,3 +146,21 @@ async def test_over_http_in_both_protocol_eras(http_server, kit: TeamKit, mode: 
         done = await c.call_tool("delete_webhook", {"webhook_id": wid})
     assert done.is_error is False and done.structured_content["deleted"] is True
     assert log_for(kit, wid) == [("delete_webhook", "accept"), ("delete_webhook", "decline")]
+
+
+async def test_recovery_and_a_test_delivery_report_progress(kit: TeamKit):
+    wid = hook(kit)
+    seen: list[tuple[float, float | None, str | None]] = []
+
+    async def progress(value: float, total: float | None, message: str | None) -> None:
+        seen.append((value, total, message))
+
+    since = (utcnow() - timedelta(hours=1)).isoformat()
+    async with client(kit, None) as c:
+        result = await c.call_tool(
+            "recover_deliveries",
+            {"webhook_id": wid, "since": since, "dry_run": True},
+            progress_callback=progress,
+        )
+    assert result.is_error is False
+    assert seen == [(0, 1, "finding the failed deliveries to re-send"), (1, 1, "would re-send 0 deliveries")]

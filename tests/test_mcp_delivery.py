@@ -48,9 +48,16 @@ async def test_test_webhook_sends_a_signed_test_event_and_returns_the_outcome(li
     kit = make_team(live, "mcp-test")
     w = hook(kit, receiver, "/t", events=["form_submit"])  # test goes out whatever it subscribes to
     receiver.expect("/t", Reply(202, body=b"accepted by receiver"))
+    progress: list[tuple[float, float | None, str | None]] = []
+
+    async def on_progress(value: float, total: float | None, message: str | None) -> None:
+        progress.append((value, total, message))
+
     async with client(kit) as c:
-        result = await c.call_tool("test_webhook", {"webhook_id": w.id})
+        result = await c.call_tool("test_webhook", {"webhook_id": w.id}, progress_callback=on_progress)
     assert result.is_error is False
+    # With a progress token the client hears that the test is under way, and how it ended.
+    assert [p[0] for p in progress] == [0, 1] and progress[-1][2] == "test delivery succeeded: HTTP 202"
     out = result.structured_content
     assert out["state"] == "succeeded" and out["status_code"] == 202
     # The receiver's words reach the model fenced and labelled as third-party text.

@@ -128,6 +128,22 @@ def _can_elicit(ctx: Context[Any] | None) -> bool:
 
 
 CONFIRM_KEY = "confirm"
+# The tools that wait on receivers or on a batch, and what they say while they start.
+PROGRESS_STEPS = {
+    "test_webhook": "sending a signed test delivery and waiting for the receiver",
+    "recover_deliveries": "finding the failed deliveries to re-send",
+}
+
+
+def _done_message(result: Any) -> str:
+    if isinstance(result, TestOutcome):
+        answered = (
+            f"HTTP {result.status_code}" if result.status_code is not None else (result.error or "no answer")
+        )
+        return f"test delivery {result.state}: {answered}"
+    count = getattr(result, "count", None)
+    verb = "would re-send" if getattr(result, "dry_run", False) else "re-sent"
+    return f"{verb} {count} deliveries"
 
 
 def _answer(response: Any) -> str:
@@ -205,10 +221,15 @@ def _tool(op: Operation, service: Service) -> Callable[..., Awaitable[Any]]:
             pending = await _confirmed(ctx, service, op, principal, given)
             if pending is not None:
                 return pending
+        if op.name in PROGRESS_STEPS:
+            # A no-op unless the client sent a progress token.
+            await ctx.report_progress(0, 1, PROGRESS_STEPS[op.name])
         try:
             result = await invoke(service, op.name, principal=principal, args=given)
         except JustScanError as exc:
             raise _tool_error(exc) from exc
+        if op.name in PROGRESS_STEPS:
+            await ctx.report_progress(1, 1, _done_message(result))
         return _present(result)
 
     fields = op.input.model_fields.items()
