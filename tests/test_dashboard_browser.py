@@ -206,3 +206,67 @@ def test_dashboard_in_a_real_browser(chromium: Any, tmp_path: Path):
         assert value not in log
     assert [r.path for r in receiver.received] == ["/dash"]  # nothing else was ever sent
     app.close()
+
+
+def test_oauth_sign_in_and_consent_in_a_real_browser(chromium: Any, tmp_path: Path):
+    """An assistant sends the person to /authorize; in the browser they sign in with a key,
+    see the app and where it sends them back, and approve; the app gets its code."""
+    import base64
+    import hashlib
+    import secrets as pysecrets
+    from urllib.parse import parse_qs, urlencode, urlsplit
+
+    import httpx
+
+    db_url = f"sqlite:///{tmp_path / 'oauth.db'}"
+    app = App.build(Settings(database_url=db_url))
+    app.store.migrate()
+    app.prepare()
+    kit = make_team(app, "consent")
+    shots = shots_dir(tmp_path)
+    redirect = "http://127.0.0.1:47003/callback"
+    with spawn_server(child_env(db_url), tmp_path / "server.log") as server:
+        client_id = httpx.post(
+            f"{server.base}/register",
+            json={"redirect_uris": [redirect], "client_name": "Claude", "token_endpoint_auth_method": "none"},
+            timeout=10,
+        ).json()["client_id"]
+        verifier = pysecrets.token_urlsafe(48)
+        challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+        query = {
+            "response_type": "code",
+            "client_id": client_id,
+            "redirect_uri": redirect,
+            "code_challenge": challenge,
+            "code_challenge_method": "S256",
+            "state": "st-9",
+            "scope": "webhooks:read webhooks:write",
+            "resource": f"{server.base}/mcp",
+        }
+        context = chromium.new_context(viewport={"width": 1000, "height": 800})
+        page = context.new_page()
+        back: list[str] = []
+
+        def catch(route: Any) -> None:  # the app's callback: nothing listens there, so answer here
+            back.append(route.request.url)
+            route.fulfill(status=200, body="connected")
+
+        page.route("http://127.0.0.1:47003/**", catch)
+        page.goto(f"{server.base}/authorize?{urlencode(query)}")
+        page.get_by_text("An app asks to connect to your webhooks").wait_for()
+        page.get_by_label("API key").fill(kit.rw.key)
+        page.get_by_role("button", name="Sign in").click()
+        page.get_by_role("heading", name="Connect Claude?").wait_for()
+        assert page.locator("[data-redirect-host]").inner_text() == "127.0.0.1:47003"
+        assert page.get_by_label("see your webhooks", exact=False).is_checked()
+        page.screenshot(path=str(shots / "dashboard-oauth-consent.png"), full_page=True)
+        page.get_by_label("create, change, test and delete", exact=False).uncheck()
+        page.get_by_role("button", name="Approve").click()
+        page.get_by_text("connected").wait_for()
+        context.close()
+    assert len(back) == 1
+    sent = parse_qs(urlsplit(back[0]).query)
+    assert sent["state"] == ["st-9"] and sent["code"][0].startswith("jsac_") and sent["iss"] == [server.base]
+    (grant,) = app.service.connected_apps(team_id=kit.team.id)
+    assert grant["scopes"] == ["webhooks:read"] and grant["client_name"] == "Claude"
+    app.close()
