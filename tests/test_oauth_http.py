@@ -144,6 +144,8 @@ def test_discovery_documents_and_the_401_that_points_at_them(http_server: HttpSe
     assert (
         f'resource_metadata="{meta_url}"' in challenge and 'scope="webhooks:read webhooks:write"' in challenge
     )
+    sse = httpx.get(f"{http_server.base}/sse", timeout=10)
+    assert sse.status_code == 401 and f'resource_metadata="{meta_url}"' in sse.headers["www-authenticate"]
     prm = httpx.get(meta_url, timeout=10).json()
     assert prm["resource"] == f"{http_server.base}/mcp" and prm["authorization_servers"] == [http_server.base]
     assert httpx.get(f"{meta_url}/mcp", timeout=10).json() == prm
@@ -389,3 +391,27 @@ def test_connected_apps_lists_and_revokes_and_sign_in_never_redirects_elsewhere(
         assert r.status_code == 303 and "app-revoked" in r.headers["location"]
         assert "No connected apps" in b.get("/apps").text
     assert _mcp_status(http_server, tokens["access_token"]).status_code == 401
+
+
+def test_a_forged_or_spent_consent_request_is_refused_clearly(http_server: HttpServer, kit_http: TeamKit):
+    with httpx.Client(base_url=http_server.base, follow_redirects=False, timeout=10) as b:
+        form = b.get("/login")
+        b.post("/login", data={"csrf": _field(form.text, "csrf"), "api_key": kit_http.rw.key})
+        page = b.get("/oauth/consent?request=forged-handle")
+        assert page.status_code == 404 and "expired" in page.text
+        csrf = _field(b.get("/apps").text, "csrf")
+        r = b.post("/oauth/consent", data={"csrf": csrf, "request": "forged-handle", "decision": "approve"})
+        assert r.status_code == 404 and "expired" in r.text
+        # A real request, approved once, cannot be approved again (a replayed form).
+        client_id = _register(http_server)
+        _, challenge = _pkce()
+        consent = b.get(_authorize_url(http_server, client_id, challenge)).headers["location"]
+        html = b.get(consent).text
+        data = {
+            "csrf": _field(html, "csrf"),
+            "request": _field(html, "request"),
+            "decision": "approve",
+            "scopes": ["webhooks:read"],
+        }
+        assert b.post("/oauth/consent", data=data).status_code == 303
+        assert b.post("/oauth/consent", data=data).status_code == 404
