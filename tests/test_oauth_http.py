@@ -144,6 +144,12 @@ def test_discovery_documents_and_the_401_that_points_at_them(http_server: HttpSe
     assert (
         f'resource_metadata="{meta_url}"' in challenge and 'scope="webhooks:read webhooks:write"' in challenge
     )
+    assert "error=" not in challenge  # no credentials: RFC 6750 leaves the error code out
+    bad = httpx.post(
+        f"{http_server.base}/mcp", json={}, headers={"Authorization": "Bearer jsat_" + "x" * 40}, timeout=10
+    )
+    assert bad.status_code == 401 and 'error="invalid_token"' in bad.headers["www-authenticate"]
+    assert f'resource_metadata="{meta_url}"' in bad.headers["www-authenticate"]
     sse = httpx.get(f"{http_server.base}/sse", timeout=10)
     assert sse.status_code == 401 and f'resource_metadata="{meta_url}"' in sse.headers["www-authenticate"]
     prm = httpx.get(meta_url, timeout=10).json()

@@ -191,9 +191,12 @@ def _http_banner(host: str, port: int, first_key: str | None, settings: Settings
             "`justscan-mcp key create --team ID`).",
             "",
         ]
+    public = settings.public_url or base
     lines += [
         "Hosted agent over HTTP: point an MCP client at the /mcp URL with the header",
         f"  Authorization: Bearer {key}",
+        f"or add {public}/mcp as a remote connector: it signs in with OAuth (a person approves",
+        "on the dashboard with one of the team's API keys; no key is pasted anywhere).",
         "",
         "Claude Desktop (stdio): add to claude_desktop_config.json:",
         claude_desktop_snippet(key, settings),

@@ -68,17 +68,27 @@ def transport_security(bind_host: str, port: int, extra_hosts: Sequence[str]) ->
 
 
 def _json(
-    status: int, error: str, description: str, *, www_auth: bool = False, metadata: str | None = None
+    status: int,
+    error: str,
+    description: str,
+    *,
+    www_auth: bool = False,
+    metadata: str | None = None,
+    presented: bool = True,
 ) -> JSONResponse:
     headers = {}
     if www_auth:
         # Header values are latin-1 and quoted: keep the reason printable ASCII without quotes.
         safe = description.encode("ascii", "replace").decode().replace('"', "'")
-        challenge = f'Bearer error="{error}", error_description="{safe}"'
+        params = []
+        # With no credentials at all, RFC 6750 §3.1 leaves the error code out of the challenge.
+        if presented:
+            params += [f'error="{error}"', f'error_description="{safe}"']
         if metadata:
             # Where an OAuth client finds the authorization server (RFC 9728 §5.1), and the
             # scopes to ask for.
-            challenge += f', resource_metadata="{metadata}", scope="{" ".join(MCP_SCOPES)}"'
+            params += [f'resource_metadata="{metadata}"', f'scope="{" ".join(MCP_SCOPES)}"']
+        challenge = "Bearer " + ", ".join(params) if params else "Bearer"
         headers["WWW-Authenticate"] = challenge
     return JSONResponse(
         {"error": error, "error_description": description}, status_code=status, headers=headers
@@ -139,9 +149,14 @@ class BearerKeyAuth:
         try:
             caller, grant_id = await in_thread(self._caller, raw_key, scope["path"])
         except Unauthenticated as exc:
-            await _json(401, "invalid_token", exc.message, www_auth=True, metadata=self.metadata_url)(
-                scope, receive, send
-            )
+            await _json(
+                401,
+                "invalid_token",
+                exc.message,
+                www_auth=True,
+                metadata=self.metadata_url,
+                presented=bool(raw_key),
+            )(scope, receive, send)
             return
         except McpDisabled as exc:
             await _json(403, "mcp_disabled", exc.message)(scope, receive, send)
