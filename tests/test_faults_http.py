@@ -137,12 +137,12 @@ async def test_sse_messages_get_the_key_checks_of_mcp(http_server: HttpServer, a
     key = kit.key()
     async with sse(http_server, key.key) as c:
         # prompts/list: a request that is not a tool call (the SDK does not answer ping).
-        assert (await c.list_prompts()).prompts == []
+        assert [p.name for p in (await c.list_prompts()).prompts] == ["diagnose_webhook"]
         app.service.update_api_key(key_id=key.id, mcp_enabled=False)
         with pytest.raises(MCPError, match="MCP is not enabled"):
             await c.list_prompts()
         app.service.update_api_key(key_id=key.id, mcp_enabled=True)
-        assert (await c.list_prompts()).prompts == []
+        assert [p.name for p in (await c.list_prompts()).prompts] == ["diagnose_webhook"]
         app.service.revoke_api_key(key_id=key.id)
         with pytest.raises(MCPError, match="revoked"):
             await c.list_prompts()
