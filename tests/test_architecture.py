@@ -52,6 +52,7 @@ RANK = {
     "ratelimit": 3,
     "events": 3,
     "threads": 3,
+    "logs": 2,
     "signing": 4,
     "inputs": 4,
     "store": 5,

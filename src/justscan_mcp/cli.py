@@ -211,10 +211,10 @@ def _redacted(url: str) -> str:
     return redact_url(url)
 
 
-def _configure_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+def _configure_logging(settings: Settings, *, level: str | None = None) -> None:
+    from justscan_mcp import logs
+
+    logs.configure(settings, level=level)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -231,10 +231,9 @@ def _serve_stdio(settings: Settings, *, dispatcher: bool) -> None:
     from justscan_mcp.app import App
     from justscan_mcp.errors import AuthError, StoreUnavailable
 
-    # stdout carries the protocol: everything human goes to stderr, one line when refusing.
-    logging.basicConfig(
-        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
-    )
+    # stdout carries the protocol: everything human goes to stderr, warnings only unless
+    # JUSTSCAN_LOG_LEVEL asks for more (a desktop client keeps this log).
+    _configure_logging(settings, level=None if os.environ.get("JUSTSCAN_LOG_LEVEL") else "warning")
     if not settings.api_key:
         raise CliError(
             "JUSTSCAN_API_KEY is not set; the stdio server acts as that key (create one with `justscan-mcp key create`)"
@@ -268,15 +267,21 @@ def _serve_http(args: argparse.Namespace, settings: Settings) -> None:
     from justscan_mcp.app import App
     from justscan_mcp.http_server import build_http_app
 
-    _configure_logging()
+    _configure_logging(settings)
     app = App.build(settings)
     first_key = None
-    if settings.database_url_is_default:
-        # The embedded default is always reachable; a configured database is awaited in the lifespan.
-        app.prepare()
-        first_key = _bootstrap(app, settings)
-    sys.stderr.write(_http_banner(args.host, args.port, first_key, settings) + "\n")
-    sys.stderr.flush()
+    if settings.log_format == "json":
+        # A log pipeline reads this stream: one JSON line, and never a key (no first-run key is
+        # made; `justscan-mcp key create` makes one).
+        shown = f"[{args.host}]" if ":" in args.host else args.host
+        log.info("serving", extra={"fields": {"url": f"http://{shown}:{args.port}", "version": __version__}})
+    else:
+        if settings.database_url_is_default:
+            # The embedded default is always reachable; a configured database is awaited in the lifespan.
+            app.prepare()
+            first_key = _bootstrap(app, settings)
+        sys.stderr.write(_http_banner(args.host, args.port, first_key, settings) + "\n")
+        sys.stderr.flush()
     asgi = build_http_app(
         app,
         host=args.host,
@@ -284,7 +289,16 @@ def _serve_http(args: argparse.Namespace, settings: Settings) -> None:
         allowed_hosts=args.allowed_host or (),
         dispatcher=not args.no_dispatcher,
     )
-    uvicorn.run(asgi, host=args.host, port=args.port, log_level="info", lifespan="on")
+    from justscan_mcp.logs import uvicorn_log_config
+
+    uvicorn.run(
+        asgi,
+        host=args.host,
+        port=args.port,
+        log_level=settings.log_level,
+        log_config=uvicorn_log_config(),
+        lifespan="on",
+    )
 
 
 # --- webhooks (operator) ---------------------------------------------------------------------
@@ -442,8 +456,9 @@ def cmd_worker(args: argparse.Namespace) -> None:
 
     from justscan_mcp.app import App
 
-    _configure_logging()
-    app = App.build(_settings(args))
+    settings = _settings(args)
+    _configure_logging(settings)
+    app = App.build(settings)
 
     async def main() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

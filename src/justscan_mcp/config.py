@@ -158,6 +158,24 @@ def parse_public_url(name: str, raw: str) -> str:
     return raw.rstrip("/")
 
 
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def parse_log_format(name: str, raw: str) -> str:
+    """Raises: ConfigError for anything but text or json."""
+    if raw.lower() not in LOG_FORMATS:
+        raise ConfigError(f"{name} must be one of {', '.join(LOG_FORMATS)}, got {raw!r}")
+    return raw.lower()
+
+
+def parse_log_level(name: str, raw: str) -> str:
+    """Raises: ConfigError for anything but debug, info, warning or error."""
+    if raw.lower() not in LOG_LEVELS:
+        raise ConfigError(f"{name} must be one of {', '.join(LOG_LEVELS)}, got {raw!r}")
+    return raw.lower()
+
+
 def default_database_url() -> str:
     """SQLite file in the user's data directory."""
     return f"sqlite:///{default_data_dir() / DB_FILENAME}"
@@ -188,6 +206,10 @@ class Settings:
     disable_after: float = DEFAULT_DISABLE_AFTER
     # The base URL clients reach `serve --transport http` at; None: http://<host>:<port>.
     public_url: str | None = None
+    # How the process logs: text or json lines, and from which level (third-party libraries
+    # stay at warning unless this is debug).
+    log_format: str = "text"
+    log_level: str = "info"
 
     @property
     def lease_seconds(self) -> float:
@@ -247,6 +269,8 @@ class Settings:
             slow_lane=read("JUSTSCAN_SLOW_LANE", parse_in_flight, None),
             admin_password=read("JUSTSCAN_ADMIN_PASSWORD", parse_admin_password, None),
             public_url=read("JUSTSCAN_PUBLIC_URL", parse_public_url, None),
+            log_format=read("JUSTSCAN_LOG_FORMAT", parse_log_format, "text"),
+            log_level=read("JUSTSCAN_LOG_LEVEL", parse_log_level, "info"),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
-from justscan_mcp.models import utcnow
+from justscan_mcp.models import outcome_class, utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, SendResult, delivery_headers
 from justscan_mcp.store import (
@@ -76,6 +76,23 @@ RETENTION_MAX_BATCHES = 50
 # How often the auto-disable check runs (at most; twice per JUSTSCAN_DISABLE_AFTER when shorter).
 DISABLE_CHECK_INTERVAL = 60.0
 _T = TypeVar("_T")
+
+
+def attempt_fields(job: Claimed, outcome: SendResult, result: AttemptResult) -> dict[str, object]:
+    """The one log line of an attempt: ids, what the receiver did, and what happens next. Never
+    the URL, the body or anything secret."""
+    return {
+        "delivery_id": job.delivery_id,
+        "webhook_id": job.webhook_id,
+        "team_id": job.team_id,
+        "event": job.event,
+        "attempt": job.attempt_number,
+        "outcome": outcome_class(outcome.status_code, outcome.error),
+        "status": outcome.status_code,
+        "duration_ms": outcome.duration_ms,
+        "state": result.state,
+        "next_attempt_at": result.next_attempt_at.isoformat() if result.next_attempt_at else None,
+    }
 
 
 def new_worker_id() -> str:
@@ -546,8 +563,11 @@ class Dispatcher:
             log.exception("delivery %s: could not be sent", job.delivery_id)
             outcome = SendResult(None, None, f"internal error: {type(exc).__name__}: {exc}"[:500], 0)
         self._note_speed(job.webhook_id, outcome)
-        self._results.append(self._result(job, outcome, started))
+        result = self._result(job, outcome, started)
+        self._results.append(result)
         self._results_ready.set()
+        if log.isEnabledFor(logging.INFO):
+            log.info("attempt", extra={"fields": attempt_fields(job, outcome, result)})
 
     def _result(self, job: Claimed, outcome: SendResult, started: datetime) -> AttemptResult:
         state = after_attempt(

@@ -313,7 +313,7 @@ class Outbox(Database):
                 return Claims([])
             cur.execute(
                 "SELECT d.id, d.webhook_id, d.event, d.is_test, d.attempt_count, w.url, w.secret,"  # noqa: S608
-                " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit"
+                " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit, d.team_id"
                 " FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
                 f" JOIN events e ON e.id = d.event_id WHERE d.id IN ({self._marks(len(ids))})"
                 " ORDER BY d.id",
@@ -323,7 +323,7 @@ class Outbox(Database):
         read_dt = self._dt_result
         claimed = []
         limited: dict[int, list[int]] = {}
-        for did, hook_id, ev, is_test, count, url, secret, prev, prev_until, payload, rate in rows:
+        for did, hook_id, ev, is_test, count, url, secret, prev, prev_until, payload, rate, team in rows:
             prev_until = read_dt(prev_until)
             live_prev = bool(prev) and prev_until is not None and prev_until > now
             if rate is not None and not is_test:
@@ -339,6 +339,7 @@ class Outbox(Database):
                     signing_secrets=(secret, prev) if live_prev else (secret,),
                     payload=payload.encode("utf-8"),
                     claim=claim,
+                    team_id=team,
                 )
             )
         if not limited:
@@ -728,6 +729,7 @@ class Claimed:
     signing_secrets: tuple[str, ...]  # the current secret first; a rotated-out one while its grace lasts
     payload: bytes
     claim: str  # the claim's token, held in lease_owner until the result is saved
+    team_id: int = 0  # for the attempt's log line
 
 
 @dataclass(frozen=True)
