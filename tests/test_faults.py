@@ -590,7 +590,7 @@ async def test_one_retry_timer_however_many_deliveries_wait(db_url: str, receive
         jobs = dispatcher._scheduler.get_jobs()
         # A fixed set of named jobs (the housekeeping ones run on their own intervals), never one
         # per waiting delivery.
-        assert sorted(j.id for j in jobs) == ["disable-failing", "poll", "retention", "retry"]
+        assert sorted(j.id for j in jobs) == ["disable-failing", "heartbeat", "poll", "retention", "retry"]
         (timer,) = [j for j in jobs if j.id == "retry"]
         # No later than this test's earliest retry (the module's database is shared, so another
         # test's retry may come first).

@@ -35,6 +35,9 @@ class App:
     store: Store
     service: Service
     _ready: anyio.Event = field(default_factory=anyio.Event, init=False, repr=False)
+    # This process's dispatcher while it runs (a `dispatcher.Dispatcher`; typed loosely so the
+    # wiring need not import the engine before it is wanted).
+    dispatcher: Any = field(default=None, init=False, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, *, resolver: Resolver = system_resolver) -> App:
@@ -66,6 +69,25 @@ class App:
     def close(self) -> None:
         self.store.close()
 
+    async def unready_reason(self) -> str | None:
+        """Why this process should not get traffic, or None: the database does not answer, its
+        schema is not the one this code needs, or (where a dispatcher runs here) the claim loop
+        has not turned for three poll intervals."""
+        if not self.ready:
+            return "starting: the database has not answered yet"
+        try:
+            current = await in_thread(self.store.schema_is_current)
+        except StoreUnavailable:
+            return "the database does not answer"
+        if not current:
+            return "the database schema is not at this version's head (run `justscan-mcp db upgrade`)"
+        running = self.dispatcher
+        if running is not None:
+            stalled = running.stalled_for()
+            if stalled is not None:
+                return f"the dispatcher's claim loop has not turned for {stalled:.1f}s"
+        return None
+
     @property
     def ready(self) -> bool:
         """True once the database has answered and has its schema."""
@@ -94,6 +116,7 @@ class App:
                 # Known to the stop path before start() runs: a stop signal during start-up
                 # then stops what was started (Dispatcher.stop tolerates a partial start).
                 running = dispatcher_
+                self.dispatcher = dispatcher_
                 await dispatcher_.start()
                 self.service.on_recorded = dispatcher_.wake
                 # A test delivery's caller is told when its attempt is saved here (no polling).
@@ -108,6 +131,7 @@ class App:
                 finally:
                     tg.cancel_scope.cancel()
             if running is not None:
+                self.dispatcher = None
                 self.service.on_recorded = lambda: None
                 self.service.test_signals.local_dispatcher = False
                 await running.stop()

@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
-from justscan_mcp.models import outcome_class, utcnow
+from justscan_mcp.models import DispatcherBeat, outcome_class, utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, SendResult, delivery_headers
 from justscan_mcp.store import (
@@ -148,6 +148,10 @@ class Dispatcher:
         self._listener: asyncio.Task[None] | None = None
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        # Liveness: when the claim loop last turned (monotonic), and when this process started.
+        self.last_turn = time.monotonic()
+        self.started_at = clock()
+        self._stall_reported = False
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -171,6 +175,14 @@ class Dispatcher:
             seconds=RETENTION_INTERVAL,
             next_run_time=datetime.now(UTC) + timedelta(seconds=RETENTION_FIRST_RUN),
             id="retention",
+            coalesce=True,
+            max_instances=1,
+        )
+        scheduler.add_job(
+            self.heartbeat,
+            "interval",
+            seconds=self.settings.poll_interval,
+            id="heartbeat",
             coalesce=True,
             max_instances=1,
         )
@@ -239,6 +251,8 @@ class Dispatcher:
             await writer
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
+        with contextlib.suppress(Exception):  # best effort: a dead row ages out by itself
+            await asyncio.wait_for(self._in_thread(partial(self.store.drop_beat, self.worker_id)), 2.0)
         await self.sender.close()
         self._db.shutdown(wait=False)
         log.info("dispatcher %s stopped", self.worker_id)
@@ -426,9 +440,43 @@ class Dispatcher:
             )
         return main, lane
 
+    def stalled_for(self) -> float | None:
+        """Seconds since the claim loop last turned, when that is over three poll intervals (a
+        healthy loop turns at every poll tick, even with every slot busy); None otherwise."""
+        age = time.monotonic() - self.last_turn
+        return age if age > 3 * self.settings.poll_interval and not self._stopping else None
+
+    async def heartbeat(self) -> None:
+        """Record this dispatcher as alive in the database, but only while its claim loop turns:
+        a wedged loop stops beating, which is what readiness and `status` look for."""
+        stalled = self.stalled_for()
+        if stalled is not None:
+            if not self._stall_reported:
+                log.error(
+                    "dispatcher %s: claim loop stuck for %.1fs; heartbeat withheld", self.worker_id, stalled
+                )
+                self._stall_reported = True
+            return
+        if self._stall_reported:
+            log.warning("dispatcher %s: claim loop turning again", self.worker_id)
+            self._stall_reported = False
+        beat = DispatcherBeat(
+            worker_id=self.worker_id,
+            host=socket.gethostname()[:255],
+            pid=os.getpid(),
+            started_at=self.started_at,
+            last_beat_at=self.clock(),
+            interval_seconds=self.settings.poll_interval,
+            in_flight=self._open,
+        )
+        # An outage is the claim loop's to report; the next beat tries again.
+        with contextlib.suppress(StoreUnavailable):
+            await self._in_thread(partial(self.store.beat, beat))
+
     async def _pump(self) -> None:
         delay = 0.5
         while not self._stopping:
+            self.last_turn = time.monotonic()
             self._wake.clear()
             free = self.settings.max_in_flight - self._open
             if free > 0:

@@ -280,6 +280,12 @@ def build_http_app(
             return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
         return JSONResponse({"status": "ok", "database": app.store.backend})
 
+    async def readyz(request: Request) -> JSONResponse:
+        reason = await app.unready_reason()
+        if reason is not None:
+            return JSONResponse({"status": "unready", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ready", "database": app.store.backend})
+
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with app.lifespan(dispatcher=dispatcher), mcp.session_manager.run():
@@ -291,6 +297,7 @@ def build_http_app(
 
     routes: list[BaseRoute] = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Mount(API_PREFIX, app=build_rest_api(app)),
         *streamable.routes,
         *sse.routes,

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -225,6 +226,21 @@ class ToolConfirmation(SQLModel, table=True):
     question: str = Field(sa_column=Column(String(1000), nullable=False))
     answer: str = Field(sa_column=Column(String(16), nullable=False))
     created_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+
+
+class DispatcherBeat(SQLModel, table=True):
+    """A running dispatcher's heartbeat: written every poll interval while its claim loop turns,
+    deleted when it stops. Rows whose beat is older than three of their intervals are dead."""
+
+    __tablename__ = "dispatcher_beats"
+
+    worker_id: str = Field(sa_column=Column(String(64), primary_key=True))
+    host: str = Field(sa_column=Column(String(255), nullable=False))
+    pid: int = Field(sa_column=Column(Integer, nullable=False))
+    started_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    last_beat_at: datetime = Field(sa_column=Column(UTCDateTime(), nullable=False))
+    interval_seconds: float = Field(sa_column=Column(Float, nullable=False))
+    in_flight: int = Field(sa_column=Column(Integer, nullable=False))
 
 
 class Webhook(SQLModel, table=True):

@@ -289,6 +289,14 @@ class Database:
                 "run `justscan-mcp db upgrade`"
             )
 
+    def schema_is_current(self) -> bool:
+        """Whether the stored revision is this code's head (one small read, no Alembic load).
+
+        Raises:
+            StoreUnavailable.
+        """
+        return self._stored_revision() == HEAD
+
     def ping(self) -> None:
         """Raises: StoreUnavailable when the database does not answer."""
         with self.session() as s:
