@@ -17,7 +17,7 @@ from justscan_mcp.client_documents import DOCUMENT_LIMIT, fetch_client_document
 from justscan_mcp.errors import InvalidInput
 from justscan_mcp.targets import system_resolver
 from tests.conftest import HttpServer, TeamKit, child_env, spawn_server
-from tests.test_oauth_http import REDIRECT, Person, _authorize_url, _mcp_status, _pkce
+from tests.test_oauth_http import REDIRECT, Person, _authorize_url, _mcp_status, _pkce, _redeem
 
 
 class Documents:
@@ -144,17 +144,7 @@ def test_the_whole_flow_with_a_documented_client(
         person = Person(server, kit.rw.key)
         person.visit(_authorize_url(server, client_id, challenge))
         assert "Documented assistant" in person.consent_html
-        r = httpx.post(
-            f"{server.base}/token",
-            data={
-                "grant_type": "authorization_code",
-                "code": person.back["code"],
-                "redirect_uri": REDIRECT,
-                "client_id": client_id,
-                "code_verifier": verifier,
-            },
-            timeout=10,
-        )
+        r = _redeem(server, client_id, person.back["code"], verifier)
         assert r.status_code == 200, r.text
         assert _mcp_status(server, r.json()["access_token"]).status_code == 200
         fetched = len(documents.requests)

@@ -220,23 +220,25 @@ def _authorize_url(server: HttpServer, client_id: str, challenge: str, **extra: 
     return f"/authorize?{urlencode(q)}"
 
 
+def _redeem(server: HttpServer, client_id: str, code: str, verifier: str) -> httpx.Response:
+    """The token endpoint's authorization-code grant, as a public client sends it."""
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": REDIRECT,
+        "client_id": client_id,
+        "code_verifier": verifier,
+    }
+    return httpx.post(f"{server.base}/token", data=form, timeout=10)
+
+
 def _code_flow(server: HttpServer, key: str) -> tuple[str, dict[str, Any]]:
     client_id = _register(server)
     verifier, challenge = _pkce()
     person = Person(server, key)
     person.visit(_authorize_url(server, client_id, challenge))
     assert person.back["state"] == "s-1"
-    r = httpx.post(
-        f"{server.base}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": person.back["code"],
-            "redirect_uri": REDIRECT,
-            "client_id": client_id,
-            "code_verifier": verifier,
-        },
-        timeout=10,
-    )
+    r = _redeem(server, client_id, person.back["code"], verifier)
     assert r.status_code == 200, r.text
     return client_id, r.json() | {"code": person.back["code"], "verifier": verifier}
 
@@ -282,17 +284,7 @@ def test_refresh_rotates_and_reuse_revokes_the_grant(http_server: HttpServer, ki
 
 def test_a_code_used_twice_is_refused_and_kills_its_tokens(http_server: HttpServer, kit_http: TeamKit):
     client_id, first = _code_flow(http_server, kit_http.rw.key)
-    r = httpx.post(
-        f"{http_server.base}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": first["code"],
-            "redirect_uri": REDIRECT,
-            "client_id": client_id,
-            "code_verifier": first["verifier"],
-        },
-        timeout=10,
-    )
+    r = _redeem(http_server, client_id, first["code"], first["verifier"])
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
     assert _mcp_status(http_server, first["access_token"]).status_code == 401
 
@@ -323,17 +315,7 @@ def test_a_wrong_code_verifier_is_invalid_grant(http_server: HttpServer, kit_htt
     verifier, challenge = _pkce()
     person = Person(http_server, kit_http.rw.key)
     person.visit(_authorize_url(http_server, client_id, challenge))
-    r = httpx.post(
-        f"{http_server.base}/token",
-        data={
-            "grant_type": "authorization_code",
-            "code": person.back["code"],
-            "redirect_uri": REDIRECT,
-            "client_id": client_id,
-            "code_verifier": verifier + "x",
-        },
-        timeout=10,
-    )
+    r = _redeem(http_server, client_id, person.back["code"], verifier + "x")
     assert r.status_code == 400 and r.json()["error"] == "invalid_grant"
 
 
