@@ -22,7 +22,7 @@ async def test_a_wedged_claim_loop_is_unready_and_stops_beating(db_url: str):
         await until(lambda: anyio.from_thread.run(app.unready_reason) is None, what="ready")
         dispatcher = app.dispatcher
         await until(
-            lambda: any(b.worker_id == dispatcher.worker_id for b in app.store.dispatcher_beats()),
+            lambda: dispatcher.worker_id in [b.worker_id for b in app.service.live_dispatchers()],
             what="the first heartbeat",
         )
         # Wedge it on purpose: the next claim never returns (a database call that hangs).
@@ -46,6 +46,11 @@ async def test_a_wedged_claim_loop_is_unready_and_stops_beating(db_url: str):
             await anyio.sleep(3 * app.settings.poll_interval)  # three beats' time, with the loop stuck
             (later,) = [b for b in app.store.dispatcher_beats() if b.worker_id == dispatcher.worker_id]
             assert later.last_beat_at == beat.last_beat_at, "a wedged dispatcher kept beating"
+            # The admin area's list of live dispatchers drops it once three beats are missed.
+            await until(
+                lambda: dispatcher.worker_id not in [b.worker_id for b in app.service.live_dispatchers()],
+                what="the wedged dispatcher to leave the live list",
+            )
         finally:
             gate.set()
             app.store.claim_due = real_claim  # type: ignore[method-assign]

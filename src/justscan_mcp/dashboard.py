@@ -652,6 +652,7 @@ class Dashboard:
         names = {t.id: t.name for t in overview.teams}
         apps = await in_thread(self.service.connected_apps, team_id=None, limit=100)
         confirmations = await in_thread(self.service.recent_confirmations, limit=100)
+        dispatchers = await in_thread(self.service.live_dispatchers)
         return self.page(
             request,
             "admin.html",
@@ -661,6 +662,7 @@ class Dashboard:
             preview=BODY_PREVIEW,
             apps=apps,
             confirmations=confirmations,
+            dispatchers=dispatchers,
         )
 
     async def admin_app_revoke(self, request: Request, v: Visit) -> Response:
