@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from justscan_mcp.errors import InvalidInput
-from justscan_mcp.targets import Resolver, check_addresses, client_host, literal_address, validate_webhook_url
+from justscan_mcp.targets import Resolver, checked_addresses
 
 DOCUMENT_LIMIT = 64 * 1024
 FETCH_TIMEOUT = 5.0
@@ -34,21 +34,12 @@ def fetch_client_document(url: str, *, allow_private: bool, resolve: Resolver) -
             it other than `url`, or no redirect URIs.
     """
     try:
-        validate_webhook_url(url, allow_private=allow_private, resolve=resolve)
+        host, port, addresses = checked_addresses(url, allow_private=allow_private, resolve=resolve)
     except InvalidInput as exc:
         raise InvalidInput("client_id", exc.reason) from None
     parts = urlsplit(url)
     if parts.path in ("", "/"):
         raise InvalidInput("client_id", "a metadata document URL needs a path")
-    host = client_host(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    literal = literal_address(host)
-    addresses = [str(literal)] if literal is not None else list(resolve(host, port))
-    if not allow_private:
-        try:
-            check_addresses(host, addresses)
-        except InvalidInput as exc:
-            raise InvalidInput("client_id", exc.reason) from None
     ip = addresses[0]
     pinned = urlunsplit(
         (parts.scheme, f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}", parts.path, parts.query, "")

@@ -158,8 +158,9 @@ def check_addresses(host: str, addresses: Sequence[str]) -> None:
             )
 
 
-def validate_webhook_url(url: str, *, allow_private: bool, resolve: Resolver) -> str:
-    """Apply every URL rule of SPEC's Webhook section, resolving the host name.
+def checked_addresses(url: str, *, allow_private: bool, resolve: Resolver) -> tuple[str, int, list[str]]:
+    """Apply every URL rule of SPEC's Webhook section, resolving the host name once: the host,
+    port and addresses a client may connect to.
 
     Raises:
         InvalidInput: (field ``url``) for a malformed URL, a host that does not resolve, or one
@@ -182,4 +183,14 @@ def validate_webhook_url(url: str, *, allow_private: bool, resolve: Resolver) ->
             raise InvalidInput("url", f"host {host!r} does not resolve; check the spelling of the host name")
     if not allow_private:
         check_addresses(host, addresses)
+    return host, port, list(addresses)
+
+
+def validate_webhook_url(url: str, *, allow_private: bool, resolve: Resolver) -> str:
+    """`checked_addresses`, for callers that keep only the URL.
+
+    Raises:
+        InvalidInput: (field ``url``) as `checked_addresses`.
+    """
+    checked_addresses(url, allow_private=allow_private, resolve=resolve)
     return url
