@@ -39,6 +39,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from justscan_mcp.app import App
+from justscan_mcp.config import LOOPBACK_NAMES
 from justscan_mcp.errors import (
     AuthError,
     Conflict,
@@ -75,6 +76,7 @@ NOTICES = {
     "app-revoked": "App revoked: its tokens no longer work.",
 }
 CONSENT_NEXT = "/oauth/consent?request="
+LIST_FIELDS = ("events", "scopes")  # form fields that may repeat (checkboxes)
 SCOPE_TEXT = {
     "webhooks:read": "see your webhooks, their delivery logs and statistics",
     "webhooks:write": "create, change, test and delete webhooks, and re-send deliveries",
@@ -340,7 +342,7 @@ class Dashboard:
     async def form_of(self, request: Request, v: Visit | None) -> dict[str, Any] | Response:
         """The POSTed form, after the CSRF and Origin checks."""
         form = await request.form()
-        data = {k: form.getlist(k) if k == "events" else form.get(k) for k in form}
+        data = {k: form.getlist(k) if k in LIST_FIELDS else form.get(k) for k in form}
         expected = v.session.csrf_token if v else request.cookies.get(LOGIN_CSRF_COOKIE, "")
         given = str(data.get("csrf") or "")
         if self.cross_origin(request) or not expected or not hmac.compare_digest(given, expected):
@@ -737,7 +739,7 @@ class Dashboard:
             wanted=wanted,
             scope_text=SCOPE_TEXT,
             redirect_host=target.netloc,
-            redirect_local=(target.hostname or "") in ("127.0.0.1", "localhost", "::1"),
+            redirect_local=(target.hostname or "") in LOOPBACK_NAMES,
             error=error,
         )
         # The answer is a redirect to the app: let this page's form lead there.
@@ -756,7 +758,6 @@ class Dashboard:
             data = await self.form_of(request, v)
             if isinstance(data, Response):
                 return data
-            form = await request.form()
             handle = str(data.get("request") or "")
             if data.get("decision") == "approve":
                 try:
@@ -764,7 +765,7 @@ class Dashboard:
                         self.service.approve_authorization,
                         principal=v.principal,
                         handle=handle,
-                        scopes=[str(x) for x in form.getlist("scopes")],
+                        scopes=[str(x) for x in data.get("scopes") or []],
                     )
                 except (InvalidInput, Forbidden) as exc:
                     return await self._consent_page(
