@@ -6,7 +6,8 @@
 PostgreSQL rows need JUSTSCAN_BENCH_DATABASE_URL (or JUSTSCAN_TEST_DATABASE_URL); a fresh
 database is created there for each measurement and dropped after. Every delivery goes to the
 benchmark receiver on 127.0.0.1, a separate process. These are figures, not tests: nothing here
-asserts; each row shows its target and whether it was met.
+asserts; each row shows its target and whether it was met. Long steps show progress: a bar on
+a terminal, a line every few seconds otherwise.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from typing import Any
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from justscan_mcp.progress import Progress  # noqa: E402
+
 PY = sys.executable
 CONCURRENCY = 64  # JUSTSCAN_MAX_IN_FLIGHT's default: limit and dispatcher send at the same concurrency
 
@@ -163,8 +167,10 @@ def setup_team(
 
 
 def record(app: Any, team_id: int, n: int, start: int = 0) -> None:
-    for i in range(start, start + n):
-        app.service.emit_event(team_id=team_id, event="scan", data={"qr_code_id": 1, "scan_id": i + 1})
+    with Progress("recording events", n, unit="events", stream=sys.stdout) as shown:
+        for i in range(start, start + n):
+            app.service.emit_event(team_id=team_id, event="scan", data={"qr_code_id": 1, "scan_id": i + 1})
+            shown.update()
 
 
 # --- 1. throughput ----------------------------------------------------------------------------
@@ -207,7 +213,14 @@ async def bare_limit(hook_url: str, n: int) -> None:
 
 
 def measured_rate(base: str, n: int, timeout: float) -> float:
-    wait(lambda: stats(base)["count"] >= n, timeout, f"{n} arrivals")
+    deadline = time.monotonic() + timeout
+    with Progress("deliveries arriving", n, unit="deliveries", stream=sys.stdout) as shown:
+        while (count := stats(base)["count"]) < n:
+            shown.set(count)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out waiting for {n} arrivals ({count} arrived)")
+            time.sleep(0.05)
+        shown.set(count)
     s = stats(base)
     return (n - 1) / max(s["last"] - s["first"], 1e-6)
 
@@ -566,6 +579,7 @@ def fill_deliveries(app: Any, team_id: int, webhook_id: int, n: int) -> None:
         s.add(ev)
         s.flush()
         batch = 20_000
+        shown = Progress("filling deliveries", n, unit="rows", stream=sys.stdout)
         for start in range(0, n, batch):
             s.execute(
                 insert(Delivery),
@@ -584,6 +598,8 @@ def fill_deliveries(app: Any, team_id: int, webhook_id: int, n: int) -> None:
                     for _ in range(min(batch, n - start))
                 ],
             )
+            shown.update(min(batch, n - start))
+        shown.close()
 
 
 def big_log(tmp: Path, quick: bool) -> None:

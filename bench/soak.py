@@ -19,7 +19,10 @@ When the traffic stops and the queue drains, it checks and prints:
 - events accepted (202) = events stored, and every stored event has exactly one delivery per
   surviving webhook that was active and subscribed when it was recorded (moments when a webhook
   was being switched are not judged);
-- no process logged an unhandled exception.
+- no process logged an unhandled exception, and no log holds a key or webhook secret it made;
+- the workers logged the PostgreSQL outage and their recovery from it, and a takeover of the
+  SIGKILLed worker's deliveries whenever the receiver saw an attempt of it again.
+Progress shows as a bar on a terminal and as a line every few seconds otherwise.
 It exits non-zero when a check fails. Only 127.0.0.1 is ever contacted.
 """
 
@@ -46,6 +49,9 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from justscan_mcp.progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -256,12 +262,14 @@ def main() -> int:
             wait(lambda b=b: httpx.get(f"{b}/healthz", timeout=2).status_code == 200, 60, "servers")
         hooks: list[Hook] = []
         emit_keys: dict[int, str] = {}
+        made: set[str] = set()  # every key and secret made: none may appear in a log
         for t in range(4):
             team = cli("team", "create", f"soak-{t}-{uuid.uuid4().hex[:6]}")["id"]
             key = cli(
                 "key", "create", "--team", str(team), "--scopes", "webhooks:read,webhooks:write,events:write"
             )["key"]
             emit_keys[team] = key
+            made.add(key)
             subscriptions = [["scan", "first_scan"], ["scan"], ["scan", "form_submit"], ["form_submit"]]
             for n, events in enumerate(subscriptions):
                 r = httpx.post(
@@ -270,6 +278,7 @@ def main() -> int:
                     headers={"Authorization": f"Bearer {key}"},
                 )
                 r.raise_for_status()
+                made.add(r.json()["secret"])
                 hooks.append(Hook(r.json()["id"], team, events, key))
             if t == 0:
                 r = httpx.post(
@@ -278,6 +287,7 @@ def main() -> int:
                     headers={"Authorization": f"Bearer {key}"},
                 )
                 r.raise_for_status()
+                made.add(r.json()["secret"])
                 hooks.append(Hook(r.json()["id"], team, ["scan"], key, void=True))
         for i in range(3):
             procs[f"worker{i}"] = spawn(["worker"], env, work / f"worker{i}.log")
@@ -336,6 +346,8 @@ def main() -> int:
                     **kw,
                 )
             r.raise_for_status()
+            if "secret" in (answer := r.json() if r.content else {}):
+                made.add(answer["secret"])
             if "active" in kw.get("json", {}):
                 h.active = kw["json"]["active"]
                 h.switches.append((start, time.time(), h.active))
@@ -355,11 +367,17 @@ def main() -> int:
             (0.75, "enable"),
             (0.85, "delete"),
         ]
-        for at, step in plan:
-            while time.monotonic() - t0 < at * args.seconds:
+        shown = Progress("soak traffic and chaos", int(args.seconds), unit="s", stream=sys.stdout)
+
+        def until(t: float) -> None:
+            while (elapsed := time.monotonic() - t0) < t:
+                shown.set(int(elapsed))
                 time.sleep(0.05)
+
+        for at, step in plan:
+            until(at * args.seconds)
             live = [h for h in mix if not h.deleted]
-            print(f"  t={time.monotonic() - t0:5.1f}s  {step}", flush=True)
+            shown.write(f"  t={time.monotonic() - t0:5.1f}s  {step}")
             if step == "deactivate":
                 for h in rng.sample([h for h in live if h.active], 2):
                     change(h, "PUT", f"/webhooks/{h.id}", json={"active": False})
@@ -384,8 +402,9 @@ def main() -> int:
                 procs["worker1"] = spawn(["worker"], env, work / "worker1.log")
             elif step == "postgres restart":
                 restart_postgres()
-        while time.monotonic() - t0 < args.seconds:
-            time.sleep(0.05)
+        until(args.seconds)
+        shown.set(int(args.seconds))
+        shown.close()
         stop.set()
         for p in posters:
             p.join()
@@ -401,16 +420,19 @@ def main() -> int:
                     ).scalar_one()
                 )
 
-        print(f"  traffic stopped; draining {open_count()} open deliveries", flush=True)
+        backlog = open_count()
         drain_deadline = time.monotonic() + max(120.0, args.seconds)
-        while open_count() and time.monotonic() < drain_deadline:
-            time.sleep(0.5)
+        with Progress("draining open deliveries", backlog, stream=sys.stdout) as draining:
+            while (left := open_count()) and time.monotonic() < drain_deadline:
+                draining.set(max(0, backlog - left))
+                time.sleep(0.5)
+            draining.set(max(0, backlog - left))
         drained = time.monotonic() - traffic_end
         for key in ("worker0", "worker1", "worker2", "server0", "server1"):
             procs[key].send_signal(signal.SIGTERM)
         for p in procs.values():
             p.wait(timeout=60)
-        return report(engine, hooks, accepted, refused, farm, kill_times, work, drained)
+        return report(engine, hooks, accepted, refused, farm, kill_times, work, drained, made)
     finally:
         for p in procs.values():
             if p.poll() is None:
@@ -428,6 +450,7 @@ def report(
     kill_times: list[float],
     work: Path,
     drained: float,
+    made: set[str],
 ) -> int:
     surviving = {h.id: h for h in hooks if not h.deleted}
     with engine.connect() as c:
@@ -496,12 +519,26 @@ def report(
         failures.append(f"{len(extra)} deliveries to an inactive or unsubscribed webhook: {extra[:5]}")
 
     tracebacks = []
+    leaked = []
+    said = Counter({"database unavailable": 0, "database reachable again": 0, "took over": 0})
     for log in sorted(work.glob("*.log")):
         content = log.read_text(errors="replace")
         if "Traceback" in content or "Exception in ASGI application" in content:
             tracebacks.append(log.name)
+        leaked += [f"{log.name}: {secret[:8]}..." for secret in made if secret in content]
+        for line in content.splitlines():
+            for phrase in ("database unavailable", "database reachable again", "took over"):
+                said[phrase] += phrase in line
     if tracebacks:
         failures.append(f"unhandled exceptions logged by: {tracebacks} (logs in {work})")
+    if not made:
+        failures.append("no key or secret was collected to look for in the logs")
+    if leaked:
+        failures.append(f"keys or secrets in the logs: {leaked}")
+    if not said["database unavailable"] or not said["database reachable again"]:
+        failures.append(f"the PostgreSQL restart was not logged as an outage and a recovery: {dict(said)}")
+    if excused and not said["took over"]:
+        failures.append("attempts of the SIGKILLed worker were sent again, but no takeover was logged")
 
     table = [
         ("events accepted (202)", len(accepted)),
@@ -517,6 +554,8 @@ def report(
         ("  repeats not excused", len(unexcused)),
         ("(event, webhook) pairs judged for fan-out", judged),
         ("drain after traffic stopped", f"{drained:.1f} s"),
+        ("keys and secrets looked for in the logs", len(made)),
+        ("log lines: outage / recovery / takeover", " / ".join(str(said[p]) for p in said)),
         ("logs", str(work)),
     ]
     width = max(len(k) for k, _ in table)

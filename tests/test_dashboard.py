@@ -278,6 +278,10 @@ def test_the_operator_sees_and_revokes_any_teams_connected_app(dash: HttpServer,
     audit = op.get("/admin").text
     assert "Delete &lt;b&gt;#1&lt;/b&gt;?" in audit and "<td>decline</td>" in audit
     assert "Live dispatchers" in audit  # (this server runs none; others on the shared database may)
+    # The "Now" section shows operations_status, the figures `justscan-mcp status` prints.
+    ops = app.service.operations_status()
+    assert "<dt>Open deliveries</dt>" in audit and "<dt>Oldest due delivery</dt>" in audit
+    assert f"<dt>Switched off for failing</dt><dd>{ops.switched_off}</dd>" in audit
     assert app.service.connected_apps(team_id=kit.team.id) == []
 
 

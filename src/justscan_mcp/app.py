@@ -38,11 +38,24 @@ class App:
     # This process's dispatcher while it runs (a `dispatcher.Dispatcher`; typed loosely so the
     # wiring need not import the engine before it is wanted).
     dispatcher: Any = field(default=None, init=False, repr=False)
+    _metrics: Any = field(default=None, init=False, repr=False)
+    _runs_dispatcher: bool = field(default=False, init=False, repr=False)
 
     @classmethod
     def build(cls, settings: Settings, *, resolver: Resolver = system_resolver) -> App:
         store = Store.from_url(settings.database_url)
         return cls(settings=settings, store=store, service=Service(store, settings, resolver=resolver))
+
+    @property
+    def metrics(self) -> Any:
+        """This process's `metrics.Metrics`, made on first use (prometheus_client costs ~75 ms to
+        import, which short CLI commands do not pay), with the database gauges attached."""
+        if self._metrics is None:
+            from justscan_mcp.metrics import Metrics
+
+            self._metrics = Metrics()
+            self._metrics.watch_database(self.service.operations_status)
+        return self._metrics
 
     def prepare(self) -> None:
         """Create the schema now (CLI commands, tests). Raises: StoreUnavailable."""
@@ -82,6 +95,8 @@ class App:
         if not current:
             return "the database schema is not at this version's head (run `justscan-mcp db upgrade`)"
         running = self.dispatcher
+        if self._runs_dispatcher and running is None:
+            return "starting: the dispatcher is not running yet"
         if running is not None:
             stalled = running.stalled_for()
             if stalled is not None:
@@ -103,6 +118,7 @@ class App:
         """
 
         running: Any = None
+        self._runs_dispatcher = dispatcher
 
         async def become_ready() -> None:
             nonlocal running
@@ -112,7 +128,7 @@ class App:
                 # Imported in a thread: aiohttp and APScheduler take ~0.2 s to import, and on the
                 # event loop that would delay the MCP client's initialize reply.
                 module = await in_thread(importlib.import_module, "justscan_mcp.dispatcher")
-                dispatcher_ = module.Dispatcher(self.store, self.settings)
+                dispatcher_ = module.Dispatcher(self.store, self.settings, metrics=self.metrics)
                 # Known to the stop path before start() runs: a stop signal during start-up
                 # then stops what was started (Dispatcher.stop tolerates a partial start).
                 running = dispatcher_
@@ -130,6 +146,7 @@ class App:
                     yield self
                 finally:
                     tg.cancel_scope.cancel()
+            self._runs_dispatcher = False
             if running is not None:
                 self.dispatcher = None
                 self.service.on_recorded = lambda: None

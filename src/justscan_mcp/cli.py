@@ -8,6 +8,7 @@ Heavy imports (the mcp SDK, uvicorn) happen inside `serve` only, so the other co
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -394,12 +395,19 @@ def cmd_redeliver(args: argparse.Namespace) -> None:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    from justscan_mcp.progress import Progress
     from justscan_mcp.store import Store
 
     store = Store.from_url(_settings(args).database_url)
     try:
         before, head = store.schema_revision()
-        store.migrate()
+        steps = store.revisions_after(before) if before != head else []
+        if steps:
+            # On stderr: stdout keeps the one result (a JSON document under --json).
+            with Progress("applying migrations", len(steps), unit="revisions") as shown:
+                store.migrate(on_step=lambda _revision: shown.update())
+        else:
+            store.migrate()
     finally:
         store.close()
     _emit(
@@ -457,18 +465,156 @@ def cmd_worker(args: argparse.Namespace) -> None:
     from justscan_mcp.app import App
 
     settings = _settings(args)
+    if args.metrics_port is not None:
+        settings = settings.with_overrides(metrics_port=args.metrics_port)
     _configure_logging(settings)
     app = App.build(settings)
+    probes = _probe_server(app, args.metrics_host, settings.metrics_port) if settings.metrics_port else None
 
     async def main() -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async with app.lifespan(dispatcher=True):
-                log.info("worker running; stop with SIGTERM")
-                async for signum in signals:
-                    log.info("received %s; finishing in-flight deliveries", signal.Signals(signum).name)
-                    break
+            async with anyio.create_task_group() as tg:
+                if probes is not None:
+                    # Up before the database is: /healthz and /readyz then say why not ready.
+                    tg.start_soon(probes.serve)
+                async with app.lifespan(dispatcher=True):
+                    log.info("worker running; stop with SIGTERM")
+                    async for signum in signals:
+                        log.info("received %s; finishing in-flight deliveries", signal.Signals(signum).name)
+                        break
+                if probes is not None:
+                    probes.should_exit = True
 
     anyio.run(main)
+
+
+def _probe_server(app: Any, host: str, port: int) -> Any:
+    """A uvicorn server for the worker's /metrics, /healthz and /readyz on `port`."""
+    import uvicorn
+    from starlette.applications import Starlette
+
+    from justscan_mcp.logs import uvicorn_log_config
+    from justscan_mcp.probes import probe_routes
+
+    config = uvicorn.Config(
+        Starlette(routes=probe_routes(app)),
+        host=host,
+        port=port,
+        log_level=app.settings.log_level,
+        log_config=uvicorn_log_config(),
+        lifespan="off",
+    )
+    server = uvicorn.Server(config)
+    # The worker handles SIGTERM itself (finish in-flight sends first); uvicorn must not take
+    # the signal handlers over.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    return server
+
+
+# --- status -----------------------------------------------------------------------------------
+
+WATCH_INTERVAL = 2.0
+
+
+def _ago(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def status_text(st: dict[str, Any], backend: str) -> str:
+    """The plain table `status` prints (st: an OperationsStatus as JSON)."""
+    when = st["generated_at"].replace("T", " ")[:19]
+    lines = [f"justscan-mcp status at {when} UTC ({backend})", ""]
+    hooks = st["dispatchers"]
+    lines.append(f"Live dispatchers: {len(hooks)}")
+    if hooks:
+        lines += _table(
+            ["WORKER", "HOST", "PID", "STARTED", "LAST BEAT", "IN FLIGHT"],
+            [
+                [
+                    d["worker_id"],
+                    d["host"],
+                    d["pid"],
+                    d["started_at"][:19],
+                    d["last_beat_at"][11:19],
+                    d["in_flight"],
+                ]
+                for d in hooks
+            ],
+        )
+    else:
+        lines.append("  none: nothing is being delivered (start `justscan-mcp worker` or `serve`)")
+    opened = st["open_deliveries"]
+    lines += ["", "Open deliveries: " + ", ".join(f"{k} {v}" for k, v in opened.items())]
+    age = st["oldest_due_age_seconds"]
+    lines.append(
+        "Oldest due delivery: none waiting"
+        if age is None
+        else f"Oldest due delivery: waiting for {_ago(age)}"
+    )
+    window = st["window_seconds"] // 60
+    rate = st["success_rate"]
+    tried = ", ".join(f"{k} {v}" for k, v in st["attempts"].items())
+    shown = "no attempts" if rate is None else f"success {rate * 100:.1f} %"
+    lines += ["", f"Attempts in the last {window} min: {tried} ({shown})"]
+    failing = st["top_failing"]
+    lines.append(f"Top failing webhooks (last {window} min): {'none' if not failing else ''}".rstrip())
+    if failing:
+        lines += _table(
+            ["WEBHOOK", "TEAM", "FAILED", "FAILING SINCE"],
+            [
+                [f["webhook_id"], f["team_id"], f["failed_attempts"], (f["failing_since"] or "-")[:19]]
+                for f in failing
+            ],
+        )
+    lines.append(f"Switched off for failing: {st['switched_off']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    app = _app(args)
+
+    def once() -> dict[str, Any]:
+        return app.service.operations_status().model_dump(mode="json")  # type: ignore[no-any-return]
+
+    if not args.watch:
+        _emit(args, once(), lambda st: status_text(st, app.store.backend))
+        return
+    import time
+
+    from justscan_mcp.errors import StoreUnavailable
+
+    clear = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            try:
+                st = once()
+                out = json.dumps(st) if args.json else status_text(st, app.store.backend)
+            except StoreUnavailable as exc:
+                # Watching through an outage is the point: say so and keep watching.
+                out = (
+                    json.dumps({"error": exc.message})
+                    if args.json
+                    else f"database unavailable: {exc.message}"
+                )
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
+            elif not args.json:
+                out += "\n"  # blocks apart when piped
+            sys.stdout.write(out + "\n")
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return
 
 
 # --- parser -----------------------------------------------------------------------------------
@@ -481,6 +627,16 @@ def _positive_int(raw: str) -> int:
         raise argparse.ArgumentTypeError(f"{raw!r} is not an integer id") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{raw!r} is not a positive id")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a positive number")
     return value
 
 
@@ -543,13 +699,24 @@ def build_parser() -> argparse.ArgumentParser:
         dest="db_command", required=True, metavar="ACTION"
     )
     add(db, "upgrade", cmd_db_upgrade, "apply schema migrations (run once per release on PostgreSQL)")
-    add(
-        sub, "worker", cmd_worker, "run the delivery dispatcher alone (scale-out)", json_flag=False
-    ).add_argument(
+    worker = add(sub, "worker", cmd_worker, "run the delivery dispatcher alone (scale-out)", json_flag=False)
+    worker.add_argument(
         "--allow-private-targets",
         action="store_true",
         help="deliver to private/loopback addresses (development)",
     )
+    worker.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="N",
+        help="serve /metrics, /healthz and /readyz on this port (or JUSTSCAN_METRICS_PORT)",
+    )
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="bind address of --metrics-port (default 127.0.0.1)"
+    )
+    p = add(sub, "status", cmd_status, "what is being delivered now, across every team (for operators)")
+    p.add_argument("--watch", action="store_true", help="refresh every 2 s until Ctrl-C")
+    p.add_argument("--interval", type=_positive_float, default=WATCH_INTERVAL, help=argparse.SUPPRESS)
     p = add(sub, "emit", cmd_emit, "record an event and fan it out to subscribed webhooks")
     p.add_argument("event", metavar="EVENT", help="scan, form_submit or file_download")
     p.add_argument("--team", type=_positive_int, required=True, metavar="ID")

@@ -176,6 +176,13 @@ def parse_log_level(name: str, raw: str) -> str:
     return raw.lower()
 
 
+def parse_port(name: str, raw: str) -> int:
+    """Raises: ConfigError unless a TCP port from 1 to 65535."""
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        raise ConfigError(f"{name}: expected a port from 1 to 65535, got {raw!r}")
+    return int(raw)
+
+
 def default_database_url() -> str:
     """SQLite file in the user's data directory."""
     return f"sqlite:///{default_data_dir() / DB_FILENAME}"
@@ -210,6 +217,8 @@ class Settings:
     # stay at warning unless this is debug).
     log_format: str = "text"
     log_level: str = "info"
+    # `worker`: the port of its /metrics, /healthz and /readyz; None: no HTTP listener.
+    metrics_port: int | None = None
 
     @property
     def lease_seconds(self) -> float:
@@ -271,6 +280,7 @@ class Settings:
             public_url=read("JUSTSCAN_PUBLIC_URL", parse_public_url, None),
             log_format=read("JUSTSCAN_LOG_FORMAT", parse_log_format, "text"),
             log_level=read("JUSTSCAN_LOG_LEVEL", parse_log_level, "info"),
+            metrics_port=read("JUSTSCAN_METRICS_PORT", parse_port, None),
         )
 
     def with_overrides(self, **changes: object) -> Settings:

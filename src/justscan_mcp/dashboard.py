@@ -654,7 +654,7 @@ class Dashboard:
         names = {t.id: t.name for t in overview.teams}
         apps = await in_thread(self.service.connected_apps, team_id=None, limit=100)
         confirmations = await in_thread(self.service.recent_confirmations, limit=100)
-        dispatchers = await in_thread(self.service.live_dispatchers)
+        ops = await in_thread(self.service.operations_status)
         return self.page(
             request,
             "admin.html",
@@ -664,7 +664,7 @@ class Dashboard:
             preview=BODY_PREVIEW,
             apps=apps,
             confirmations=confirmations,
-            dispatchers=dispatchers,
+            ops=ops,
         )
 
     async def admin_app_revoke(self, request: Request, v: Visit) -> Response:

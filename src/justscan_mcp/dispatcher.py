@@ -49,7 +49,8 @@ from typing import Any, TypeVar
 
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import StoreUnavailable
-from justscan_mcp.models import DispatcherBeat, outcome_class, utcnow
+from justscan_mcp.metrics import Metrics
+from justscan_mcp.models import DispatcherBeat, metric_outcome, utcnow
 from justscan_mcp.retry import after_attempt
 from justscan_mcp.sender import Sender, SendResult, delivery_headers
 from justscan_mcp.store import (
@@ -87,7 +88,7 @@ def attempt_fields(result: AttemptResult) -> dict[str, object]:
         "team_id": result.team_id,
         "event": result.event,
         "attempt": result.number,
-        "outcome": outcome_class(result.status_code, result.error),
+        "outcome": metric_outcome(result.status_code, result.error),
         "status": result.status_code,
         "duration_ms": result.duration_ms,
         "state": result.state,
@@ -107,8 +108,10 @@ class Dispatcher:
         *,
         worker_id: str | None = None,
         clock: Callable[[], datetime] = utcnow,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or Metrics()
         self.settings = settings
         self.worker_id = worker_id or new_worker_id()
         self.clock = clock
@@ -152,6 +155,9 @@ class Dispatcher:
         self.last_turn = time.monotonic()
         self.started_at = clock()
         self._stall_reported = False
+        # When the database stopped answering this dispatcher (monotonic), for one line at the
+        # start of an outage and one at its end, with the retries between them at warning.
+        self._outage_since: float | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -214,6 +220,7 @@ class Dispatcher:
             )
             self._watcher.start()
         self._started = True
+        self.metrics.bind_dispatcher(lambda: float(self._open), lambda: time.monotonic() - self.last_turn)
         log.info(
             "dispatcher %s started (max %d in flight, %d per webhook, slow lane %d)",
             self.worker_id,
@@ -255,6 +262,7 @@ class Dispatcher:
             await asyncio.wait_for(self._in_thread(partial(self.store.drop_beat, self.worker_id)), 2.0)
         await self.sender.close()
         self._db.shutdown(wait=False)
+        self.metrics.unbind_dispatcher()
         log.info("dispatcher %s stopped", self.worker_id)
 
     def wake(self) -> None:
@@ -333,6 +341,31 @@ class Dispatcher:
             self._retry_due, "date", run_date=when, id="retry", replace_existing=True, misfire_grace_time=None
         )
 
+    def _db_failed(self, operation: str, exc: StoreUnavailable, retry_in: float, *, what: str = "") -> None:
+        """Count a failed database operation (`operation` is a metric label: a fixed word);
+        say loudly when an outage begins."""
+        self.metrics.database_errors.labels(operation, "unavailable").inc()
+        reason = exc.message.splitlines()[0].removeprefix("database unavailable: ")
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.error(
+                "database unavailable (%s failed: %s): deliveries wait and nothing is lost; "
+                "retrying in %.1fs",
+                what or operation,
+                reason,
+                retry_in,
+            )
+        else:
+            log.warning("%s failed again (%s); retrying in %.1fs", what or operation, reason, retry_in)
+
+    def _db_answered(self) -> None:
+        """The database answered: end an outage, if one was reported."""
+        if self._outage_since is not None:
+            log.warning(
+                "database reachable again after %.1fs; delivering", time.monotonic() - self._outage_since
+            )
+            self._outage_since = None
+
     async def sweep(self) -> Purged:
         """The retention job: delete, in batches, finished deliveries older than
         JUSTSCAN_RETENTION_DAYS (0 keeps them), events left without deliveries, and expired
@@ -384,6 +417,8 @@ class Dispatcher:
             return []
         for webhook_id in ids:
             log.warning("webhook %s switched off: failing for longer than JUSTSCAN_DISABLE_AFTER", webhook_id)
+        if ids:
+            self.metrics.auto_disabled.inc(len(ids))
         return ids
 
     async def _retry_due(self) -> None:
@@ -470,8 +505,10 @@ class Dispatcher:
             in_flight=self._open,
         )
         # An outage is the claim loop's to report; the next beat tries again.
-        with contextlib.suppress(StoreUnavailable):
+        try:
             await self._in_thread(partial(self.store.beat, beat))
+        except StoreUnavailable:
+            self.metrics.database_errors.labels("heartbeat", "unavailable").inc()
 
     async def _pump(self) -> None:
         delay = 0.5
@@ -488,17 +525,20 @@ class Dispatcher:
                     main, lane = await self._in_thread(partial(self._claim, plan))
                     delay = 0.5
                 except StoreUnavailable as exc:
-                    log.warning("claim failed (%s); retrying in %.1fs", exc.message.splitlines()[0], delay)
+                    self._db_failed("claim", exc, delay)
                     await self._pause(delay)
                     delay = min(delay * 2, 10.0)
                     continue
                 except Exception:
                     # A bug, not an outage: say so loudly, but keep the pump alive (a dead pump
                     # would stop every delivery of this process without a word).
+                    self.metrics.database_errors.labels("claim", "error").inc()
                     log.exception("claim failed unexpectedly; retrying in %.1fs", delay)
                     await self._pause(delay)
                     delay = min(delay * 2, 10.0)
                     continue
+                self._db_answered()
+                self._claimed(main, lane)
                 for batch in (main, lane):
                     # A rate-limited webhook held back: claim from it again when its gate opens.
                     if batch.gate_opens_at is not None:
@@ -520,6 +560,24 @@ class Dispatcher:
                 if (self._claimable_backlog() or released) and self._open < self.settings.max_in_flight:
                     continue
             await self._wake.wait()
+
+    def _claimed(self, main: Claims, lane: Claims) -> None:
+        """Count a pump round's claims, and say which deliveries were taken over."""
+        sizes = self.metrics.claim_size
+        sizes.observe(len(main))
+        if lane or self._slow:
+            sizes.observe(len(lane))
+        taken = main.taken_over + lane.taken_over
+        if taken:
+            self.metrics.taken_over.inc(len(taken))
+            shown = ", ".join(map(str, taken[:10])) + (" ..." if len(taken) > 10 else "")
+            log.warning(
+                "dispatcher %s took over %d deliveries whose lease had expired (a worker died or "
+                "stalled mid-send; receivers may see them twice, same delivery id): %s",
+                self.worker_id,
+                len(taken),
+                shown,
+            )
 
     def _near_cap(self) -> int:
         cap = self.settings.per_webhook_in_flight
@@ -641,6 +699,7 @@ class Dispatcher:
             webhook_id=job.webhook_id,
             team_id=job.team_id,
             event=job.event,
+            created_at=job.created_at,
         )
 
     # --- the writer -------------------------------------------------------------------------
@@ -660,12 +719,25 @@ class Dispatcher:
         return await asyncio.get_running_loop().run_in_executor(self._db, fn)
 
     def _complete(self, results: list[AttemptResult]) -> list[int]:
-        """Save a batch, then log its attempts, here in the database thread: a log line per
-        attempt written from the event loop cost a fifth of a worker's throughput (measured)."""
+        """Save a batch, then log and count its saved attempts, here in the database thread: a
+        log line per attempt written from the event loop cost a fifth of a worker's throughput
+        (measured). Only what was saved is counted, so the counters match the delivery log."""
         applied = self.store.complete(worker=self.worker_id, results=results, now=self.clock())
-        if log.isEnabledFor(logging.INFO):
-            for result in results:
-                log.info("attempt", extra={"fields": attempt_fields(result)})
+        saved = set(applied)
+        m = self.metrics
+        m.save_size.observe(len(applied))
+        logging_on = log.isEnabledFor(logging.INFO)
+        for r in results:
+            if r.delivery_id not in saved:
+                continue
+            m.attempts[metric_outcome(r.status_code, r.error)].inc()
+            m.attempt_duration.observe(r.duration_ms / 1000)
+            if r.number == 1 and r.created_at is not None:
+                m.first_attempt_latency.observe(max(0.0, (r.started_at - r.created_at).total_seconds()))
+            if r.retry_after is not None:
+                m.retry_after.inc()
+            if logging_on:
+                log.info("attempt", extra={"fields": attempt_fields(r)})
         return applied
 
     async def _save(self, batch: list[AttemptResult]) -> None:
@@ -673,6 +745,7 @@ class Dispatcher:
         while True:
             try:
                 await self._in_thread(partial(self._complete, batch))
+                self._db_answered()
                 self._saved(batch)
                 break
             except StoreUnavailable as exc:
@@ -686,17 +759,13 @@ class Dispatcher:
                         exc.message.splitlines()[0],
                     )
                     return
-                log.warning(
-                    "saving %d attempts failed (%s); retrying in %.1fs",
-                    len(batch),
-                    exc.message.splitlines()[0],
-                    delay,
-                )
+                self._db_failed("save", exc, delay, what=f"saving {len(batch)} attempts")
                 await asyncio.sleep(min(delay, max(0.05, self._give_up_at - time.monotonic())))
                 delay = min(delay * 2, 10.0)
             except Exception:
                 # Not an outage: one row the database refuses must not take the batch with it
                 # (every other delivery in it would be sent again, and that row forever).
+                self.metrics.database_errors.labels("save", "error").inc()
                 log.exception("saving %d attempts failed; saving them one by one", len(batch))
                 await self._save_each(batch)
                 break

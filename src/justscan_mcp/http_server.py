@@ -1,7 +1,7 @@
-"""The HTTP process: MCP, the REST API, the dashboard and `/healthz` on one port, one lifespan.
+"""The HTTP process: MCP, the REST API, the dashboard and the probes on one port, one lifespan.
 
 MCP over streamable HTTP (`/mcp`) and SSE (`/sse`, `/messages/`), the REST API (`/api/v1`), the
-dashboard (`/`) and `/healthz`, sharing the process lifespan of `App`, behind the bearer-key layer
+dashboard (`/`) and `/healthz`, `/readyz` and `/metrics` (probes.py), sharing the process lifespan of `App`, behind the bearer-key layer
 and the body limits.
 
 Bearer keys are checked here, before the SDK sees a request, because SPEC wants two different
@@ -25,7 +25,7 @@ from starlette.applications import Starlette
 from starlette.authentication import AuthCredentials
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from justscan_mcp.app import App
@@ -33,6 +33,7 @@ from justscan_mcp.errors import McpDisabled, StoreUnavailable, Unauthenticated
 from justscan_mcp.mcp_server import build_mcp_server
 from justscan_mcp.models import Principal, UncheckedKey
 from justscan_mcp.oauth_server import MCP_SCOPES, oauth_routes, resource_metadata_url, resource_url
+from justscan_mcp.probes import probe_routes
 from justscan_mcp.service.oauth import looks_like_access_token
 from justscan_mcp.threads import in_thread
 
@@ -271,21 +272,6 @@ def build_http_app(
     streamable = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
     sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security, host=host)
 
-    async def healthz(request: Request) -> JSONResponse:
-        if not app.ready:
-            return JSONResponse({"status": "starting", "database": "unreachable"}, status_code=503)
-        try:
-            await in_thread(app.store.ping)
-        except StoreUnavailable:
-            return JSONResponse({"status": "unavailable", "database": "unreachable"}, status_code=503)
-        return JSONResponse({"status": "ok", "database": app.store.backend})
-
-    async def readyz(request: Request) -> JSONResponse:
-        reason = await app.unready_reason()
-        if reason is not None:
-            return JSONResponse({"status": "unready", "reason": reason}, status_code=503)
-        return JSONResponse({"status": "ready", "database": app.store.backend})
-
     @asynccontextmanager
     async def lifespan(_: Starlette) -> AsyncIterator[dict[str, Any]]:
         async with app.lifespan(dispatcher=dispatcher), mcp.session_manager.run():
@@ -296,8 +282,7 @@ def build_http_app(
     from justscan_mcp.rest_api import build_rest_api
 
     routes: list[BaseRoute] = [
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
+        *probe_routes(app),
         Mount(API_PREFIX, app=build_rest_api(app)),
         *streamable.routes,
         *sse.routes,

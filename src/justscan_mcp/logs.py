@@ -64,13 +64,22 @@ class TextLines(logging.Formatter):
         return text
 
 
+# Polled every few seconds by load balancers, orchestrators and Prometheus: their access lines
+# would outnumber every other line, so they are logged at debug only.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
 class NoQueryString(logging.Filter):
-    """uvicorn's access line without the query string: `GET /oauth/consent HTTP/1.1` 200."""
+    """uvicorn's access line without the query string: `GET /oauth/consent HTTP/1.1` 200. Probe
+    requests (PROBE_PATHS) pass only when debug logging is on."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
-            record.args = (*args[:2], args[2].split("?", 1)[0], *args[3:])
+            path = args[2].split("?", 1)[0]
+            if path in PROBE_PATHS and not logging.getLogger(ACCESS_LOGGER).isEnabledFor(logging.DEBUG):
+                return False
+            record.args = (*args[:2], path, *args[3:])
         return True
 
 

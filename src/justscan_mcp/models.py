@@ -370,6 +370,8 @@ class DeliveryAttempt(SQLModel, table=True):
         UniqueConstraint("delivery_id", "number", name="uq_delivery_attempts_number"),
         # A webhook's statistics read its attempts since a time from this index alone.
         Index("ix_delivery_attempts_stats", "webhook_id", "started_at", "outcome", "duration_ms"),
+        # The operator's "last five minutes" (status, the admin overview, /metrics) across webhooks.
+        Index("ix_delivery_attempts_started", "started_at", "outcome", "webhook_id"),
         {"sqlite_autoincrement": True},
     )
 
@@ -606,6 +608,20 @@ def outcome_class(status_code: int | None, error: str | None) -> str:
     return "timeout" if (error or "").startswith(TIMEOUT_ERROR_PREFIX) else "connection"
 
 
+# What /metrics and the attempt log lines call an attempt: the stored classes, with the attempts
+# our own address rules stopped before any connection ("refused: ...") told apart from
+# connection failures (stored and counted by get_webhook_stats as "connection", as SPEC pins).
+REFUSED_ERROR_PREFIX = "refused:"
+METRIC_OUTCOMES = (*ATTEMPT_CLASSES, "refused")
+
+
+def metric_outcome(status_code: int | None, error: str | None) -> str:
+    """`outcome_class`, with "refused" for a target the address rules refused."""
+    if status_code is None and (error or "").startswith(REFUSED_ERROR_PREFIX):
+        return "refused"
+    return outcome_class(status_code, error)
+
+
 class LatencyPercentiles(BaseModel):
     """Attempt durations in milliseconds (nearest rank); null when there was no attempt."""
 
@@ -701,3 +717,42 @@ class UncheckedKey(BaseModel):
 class WebhookDeleted(BaseModel):
     deleted: bool = PublicField(description="Always true: the webhook no longer exists.")
     webhook_id: int
+
+
+class DispatcherPublic(BaseModel):
+    """A live dispatcher as the operator's views show it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    worker_id: str
+    host: str
+    pid: int
+    started_at: datetime
+    last_beat_at: datetime
+    in_flight: int
+
+
+class FailingWebhook(BaseModel):
+    """A webhook among those with most failed attempts in the status window."""
+
+    webhook_id: int
+    team_id: int
+    failed_attempts: int
+    failing_since: datetime | None
+
+
+class OperationsStatus(BaseModel):
+    """What an operator looks at first (`justscan-mcp status`, the admin area, /metrics): the
+    live dispatchers, the open backlog and its oldest due delivery, and the last
+    `window_seconds` of attempts across every team."""
+
+    generated_at: datetime
+    window_seconds: int
+    dispatchers: list[DispatcherPublic]
+    open_deliveries: dict[str, int]  # pending, retrying
+    oldest_due_at: datetime | None
+    oldest_due_age_seconds: float | None
+    attempts: dict[str, int]  # by stored outcome class (ATTEMPT_CLASSES), in the window
+    success_rate: float | None  # 2xx / all attempts in the window; None without attempts
+    top_failing: list[FailingWebhook]
+    switched_off: int  # webhooks auto-disabled for failing

@@ -4,4 +4,4 @@
 instead of loading Alembic (tests/test_migrations.py keeps it equal to Alembic's own head).
 """
 
-HEAD = "0015"
+HEAD = "0016"

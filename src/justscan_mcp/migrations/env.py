@@ -30,6 +30,8 @@ context.configure(
     transactional_ddl=True,
     compare_type=True,
     render_item=render_item,
+    # `justscan-mcp db upgrade` shows progress per revision (a backfill can take minutes).
+    on_version_apply=context.config.attributes.get("on_version_apply"),
 )
 with context.begin_transaction():
     context.run_migrations()

@@ -5,10 +5,16 @@ from __future__ import annotations
 from datetime import timedelta
 
 from justscan_mcp.models import (
+    ATTEMPT_CLASSES,
+    OPEN_STATES,
     AdminKeys,
     AdminOverview,
     ApiKeyPublic,
+    DispatcherBeat,
+    DispatcherPublic,
     FailingDelivery,
+    FailingWebhook,
+    OperationsStatus,
     TeamPublic,
     WebhookPublic,
     WebhookSummary,
@@ -18,6 +24,8 @@ from justscan_mcp.service.validators import positive_id
 
 ADMIN_PAGE = 100
 SUCCESS_WINDOW = timedelta(hours=24)  # the admin area's success rates
+STATUS_WINDOW = timedelta(minutes=5)  # `status`: attempts and failing webhooks of the last 5 minutes
+STATUS_TOP = 10  # how many failing webhooks `status` and /metrics name
 
 
 class AdminQueries(UseCases):
@@ -84,4 +92,44 @@ class AdminQueries(UseCases):
             teams=teams,
             keys={tid: [ApiKeyPublic.model_validate(k) for k in ks] for tid, ks in keys.items()},
             next_teams=teams[-1].id if len(rows) > limit else None,
+        )
+
+    def live_dispatchers(self) -> list[DispatcherBeat]:
+        """Dispatchers whose last heartbeat is younger than three of their beat intervals."""
+        now = self.clock()
+        return [
+            b
+            for b in self.store.dispatcher_beats()
+            if now - b.last_beat_at <= timedelta(seconds=3 * b.interval_seconds)
+        ]
+
+    def operations_status(self, *, top: int = STATUS_TOP) -> OperationsStatus:
+        """The operator's first look, across every team, in two statements whatever the size of
+        the database: live dispatchers, open deliveries by state, the oldest due delivery no
+        dispatcher holds, the last five minutes of attempts by outcome, and the webhooks with
+        most failed attempts in them. `justscan-mcp status`, the admin area and the /metrics
+        gauges all read this.
+
+        Raises:
+            StoreUnavailable.
+        """
+        now = self.clock()
+        counts = self.store.operations_snapshot(now=now, since=now - STATUS_WINDOW, top=top)
+        attempts = {c: counts.attempts_by_outcome.get(c, 0) for c in ATTEMPT_CLASSES}
+        total = sum(counts.attempts_by_outcome.values())
+        oldest = counts.oldest_due_at
+        return OperationsStatus(
+            generated_at=now,
+            window_seconds=int(STATUS_WINDOW.total_seconds()),
+            dispatchers=[DispatcherPublic.model_validate(b) for b in self.live_dispatchers()],
+            open_deliveries={s: counts.open_by_state.get(s, 0) for s in OPEN_STATES},
+            oldest_due_at=oldest,
+            oldest_due_age_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else None,
+            attempts=attempts,
+            success_rate=round(attempts["2xx"] / total, 4) if total else None,
+            top_failing=[
+                FailingWebhook(webhook_id=w, team_id=t, failed_attempts=n, failing_since=since)
+                for w, t, n, since in counts.top_failing
+            ],
+            switched_off=counts.switched_off,
         )

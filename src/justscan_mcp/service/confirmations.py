@@ -1,12 +1,11 @@
-"""Operational records: confirmations before destructive tool calls, and live dispatchers."""
+"""Confirmations before destructive tool calls, and their audit log."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-from justscan_mcp.models import Caller, DispatcherBeat, Principal, RecoveryResult, ToolConfirmation
+from justscan_mcp.models import Caller, Principal, RecoveryResult, ToolConfirmation
 from justscan_mcp.service.base import UseCases
 
 CONFIRMED_TOOLS = ("delete_webhook", "rotate_secret", "recover_deliveries")
@@ -85,12 +84,3 @@ class ConfirmationUseCases(UseCases):
     def recent_confirmations(self, *, limit: int = 100) -> Sequence[ToolConfirmation]:
         """The operator's view of the audit log, newest first."""
         return self.store.recent_confirmations(limit=limit)
-
-    def live_dispatchers(self) -> list[DispatcherBeat]:
-        """Dispatchers whose last heartbeat is younger than three of their beat intervals."""
-        now = self.clock()
-        return [
-            b
-            for b in self.store.dispatcher_beats()
-            if now - b.last_beat_at <= timedelta(seconds=3 * b.interval_seconds)
-        ]

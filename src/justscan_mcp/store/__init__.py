@@ -23,7 +23,7 @@ from __future__ import annotations
 from justscan_mcp.store.access import LAST_USED_RESOLUTION, AccessRepository
 from justscan_mcp.store.audit import AuditRepository
 from justscan_mcp.store.db import Database, create_db_engine, normalise_url, redact_url
-from justscan_mcp.store.deliveries import DeliveryLog
+from justscan_mcp.store.deliveries import DeliveryLog, OperationsCounts
 from justscan_mcp.store.oauth import OAuthRepository
 from justscan_mcp.store.outbox import (
     NOTIFY_CHANNEL,
@@ -62,6 +62,7 @@ __all__ = [
     "DeliveryLog",
     "NewestDeliveryProbe",
     "OAuthRepository",
+    "OperationsCounts",
     "Outbox",
     "Purged",
     "RetentionRepository",

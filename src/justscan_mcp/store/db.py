@@ -216,9 +216,10 @@ class Database:
         cfg.attributes["connection"] = connection
         return cfg
 
-    def migrate(self) -> None:
+    def migrate(self, *, on_step: Callable[[str], None] | None = None) -> None:
         """Bring the schema to the newest revision (idempotent). Concurrent callers take turns:
         PostgreSQL holds an advisory lock for the transaction, SQLite its write lock.
+        `on_step` is told each revision as it is applied.
 
         Raises:
             StoreUnavailable: when the database cannot be reached.
@@ -230,7 +231,10 @@ class Database:
             with self.engine.begin() as connection:
                 if self.backend == "postgresql":
                     connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
-                command.upgrade(self._alembic(connection), "head")
+                cfg = self._alembic(connection)
+                if on_step is not None:
+                    cfg.attributes["on_version_apply"] = lambda **kw: on_step(kw["step"].up_revision_id)
+                command.upgrade(cfg, "head")
         except (OperationalError, SAInterfaceError) as exc:
             raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
         finally:
@@ -269,6 +273,14 @@ class Database:
         except (OperationalError, SAInterfaceError) as exc:
             raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
         return current, head
+
+    def revisions_after(self, revision: str | None) -> list[str]:
+        """The revisions an upgrade from `revision` (None: an empty database) applies, oldest first."""
+        from alembic.script import ScriptDirectory
+
+        script = ScriptDirectory.from_config(self._alembic(None))
+        steps = [r.revision for r in script.iterate_revisions("head", revision or "base")]
+        return list(reversed(steps))
 
     def create_schema(self) -> None:
         """Make the schema current: migrate SQLite (the embedded default), and on PostgreSQL

@@ -13,6 +13,7 @@ from sqlmodel import col, select
 
 from justscan_mcp.models import (
     FAILING_STATES_SQL,
+    OPEN_STATES_SQL,
     Delivery,
     DeliveryAttempt,
     Webhook,
@@ -32,6 +33,18 @@ class StatsCounts:
     attempts: list[tuple[str, str, int, int]]
     p50: int | None
     p95: int | None
+
+
+@dataclass(frozen=True)
+class OperationsCounts:
+    """What the operator's views count across teams at one moment (see `operations_snapshot`)."""
+
+    open_by_state: dict[str, int]
+    oldest_due_at: datetime | None  # the oldest due, unclaimed delivery of an active webhook
+    attempts_by_outcome: dict[str, int]  # attempts started since the window's start
+    # (webhook id, team id, failed attempts in the window, failing since), most failures first.
+    top_failing: list[tuple[int, int, int, datetime | None]]
+    switched_off: int  # webhooks auto-disabled for failing
 
 
 class DeliveryLog(Database):
@@ -218,3 +231,68 @@ class DeliveryLog(Database):
             for team_id, state, n in cur.fetchall():
                 counts.setdefault(team_id, [0, 0])[0 if state == "succeeded" else 1] += n
         return {t: (ok, bad) for t, (ok, bad) in counts.items()}
+
+    def operations_snapshot(self, *, now: datetime, since: datetime, top: int) -> OperationsCounts:
+        """The operator's figures in one statement (status, the admin overview and the /metrics
+        gauges): open deliveries by state (the partial index ix_deliveries_open), the oldest due
+        delivery that no dispatcher holds (the same index in due order, stopping at the first
+        row), attempts started since `since` by outcome and the `top` webhooks with most failed
+        attempts among them (ix_delivery_attempts_started), and the auto-disabled webhooks.
+
+        The oldest due delivery leaves out rate-limited webhooks, whose backlog waits by the
+        customer's choice, and deliveries under a live lease, which are being sent.
+
+        Raises:
+            StoreUnavailable.
+        """
+        m = self._mark
+        dt = self._dt_bind
+        # The first branch types the union's columns for PostgreSQL (an untyped NULL would be text).
+        sql = (
+            "SELECT * FROM (SELECT 'oldest' AS kind, CAST(NULL AS TEXT) AS k, CAST(0 AS BIGINT) AS n,"  # noqa: S608
+            " d.next_attempt_at AS at, CAST(NULL AS BIGINT) AS extra FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+            f" WHERE d.{OPEN_STATES_SQL} AND d.next_attempt_at <= {m}"
+            f" AND (d.lease_expires_at IS NULL OR d.lease_expires_at < {m})"
+            " AND w.active AND w.rate_limit IS NULL AND NOT d.is_test"
+            " ORDER BY d.next_attempt_at LIMIT 1) oldest"
+            " UNION ALL SELECT 'open', state, count(*), NULL, NULL FROM deliveries"
+            f" WHERE {OPEN_STATES_SQL} GROUP BY state"
+            " UNION ALL SELECT 'attempts', outcome, count(*), NULL, NULL FROM delivery_attempts"
+            f" WHERE started_at >= {m} GROUP BY outcome"
+            " UNION ALL SELECT 'failing', CAST(f.webhook_id AS TEXT), f.n, w.failing_since, w.team_id"
+            " FROM (SELECT webhook_id, count(*) AS n FROM delivery_attempts"
+            f" WHERE started_at >= {m} AND outcome <> '2xx' AND webhook_id IS NOT NULL"
+            f" GROUP BY webhook_id ORDER BY n DESC, webhook_id LIMIT {m}) f"
+            " JOIN webhooks w ON w.id = f.webhook_id"
+            " UNION ALL SELECT 'off', NULL, count(*), NULL, NULL FROM webhooks"
+            " WHERE disabled_reason = 'failing'"
+        )
+        stamp = dt(now)
+        with self._driver(write=False) as cur:
+            cur.execute(sql, (stamp, stamp, dt(since), dt(since), top))
+            rows = cur.fetchall()
+        read_dt = self._dt_result
+        open_by_state: dict[str, int] = {}
+        attempts: dict[str, int] = {}
+        failing: list[tuple[int, int, int, datetime | None]] = []
+        oldest = None
+        off = 0
+        for kind, key, n, at, extra in rows:
+            if kind == "oldest":
+                oldest = read_dt(at)
+            elif kind == "open":
+                open_by_state[key] = int(n)
+            elif kind == "attempts":
+                attempts[key or "unknown"] = int(n)
+            elif kind == "failing":
+                failing.append((int(key), int(extra), int(n), read_dt(at)))
+            else:
+                off = int(n)
+        failing.sort(key=lambda f: (-f[2], f[0]))
+        return OperationsCounts(
+            open_by_state=open_by_state,
+            oldest_due_at=oldest,
+            attempts_by_outcome=attempts,
+            top_failing=failing,
+            switched_off=off,
+        )

@@ -39,6 +39,8 @@ from justscan_mcp.store.db import Database
 log = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "justscan_deliveries"
+# Appended to a claim's token on the rows it took over from an expired lease (see claim_due).
+TAKEN_OVER = "+"
 
 
 class Outbox(Database):
@@ -293,27 +295,34 @@ class Outbox(Database):
             which += f" AND d.webhook_id NOT IN ({self._marks(len(exclude))})"
         if only is not None:
             which += f" AND d.webhook_id IN ({self._marks(len(only))})"
+        # A row whose lease expired under another claim gets the token with TAKEN_OVER appended:
+        # the claim reads back which rows it took over from a dead or stalled worker (for the
+        # log and /metrics) without a second statement, and that row's result is saved under
+        # the marked token like any other.
         claim_sql = (
-            f"UPDATE deliveries SET lease_owner = {m}, lease_expires_at = {self._db_now(m)}"  # noqa: S608
+            f"UPDATE deliveries SET lease_owner = CASE WHEN lease_owner IS NULL THEN {m} ELSE {m} END,"  # noqa: S608
+            f" lease_expires_at = {self._db_now(m)}"
             " WHERE id IN ("
             " SELECT d.id FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
             f" WHERE (w.active OR d.is_test) AND d.{OPEN_STATES_SQL} AND d.next_attempt_at <= {m}"
             f" AND (w.rate_open_at IS NULL OR w.rate_open_at <= {m} OR d.is_test)"
             f" AND (d.lease_expires_at IS NULL OR d.lease_expires_at < {self._db_now()}){which}"
             f" ORDER BY d.next_attempt_at, d.id LIMIT {m}{lock}"
-            ") RETURNING id"
+            ") RETURNING id, lease_owner"
         )
+        taken = claim + TAKEN_OVER
         with self._driver(write=True) as cur:
             cur.execute(
                 claim_sql,
-                (claim, float(lease_seconds), dt(now), dt(now), *exclude, *(only or ()), limit),
+                (claim, taken, float(lease_seconds), dt(now), dt(now), *exclude, *(only or ()), limit),
             )
-            ids = [row[0] for row in cur.fetchall()]
-            if not ids:
+            owners = dict(cur.fetchall())
+            if not owners:
                 return Claims([])
+            ids = list(owners)
             cur.execute(
                 "SELECT d.id, d.webhook_id, d.event, d.is_test, d.attempt_count, w.url, w.secret,"  # noqa: S608
-                " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit, d.team_id"
+                " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit, d.team_id, d.created_at"
                 " FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
                 f" JOIN events e ON e.id = d.event_id WHERE d.id IN ({self._marks(len(ids))})"
                 " ORDER BY d.id",
@@ -323,7 +332,21 @@ class Outbox(Database):
         read_dt = self._dt_result
         claimed = []
         limited: dict[int, list[int]] = {}
-        for did, hook_id, ev, is_test, count, url, secret, prev, prev_until, payload, rate, team in rows:
+        for (
+            did,
+            hook_id,
+            ev,
+            is_test,
+            count,
+            url,
+            secret,
+            prev,
+            prev_until,
+            payload,
+            rate,
+            team,
+            created,
+        ) in rows:
             prev_until = read_dt(prev_until)
             live_prev = bool(prev) and prev_until is not None and prev_until > now
             if rate is not None and not is_test:
@@ -338,14 +361,18 @@ class Outbox(Database):
                     url=url,
                     signing_secrets=(secret, prev) if live_prev else (secret,),
                     payload=payload.encode("utf-8"),
-                    claim=claim,
+                    claim=owners[did],
                     team_id=team,
+                    created_at=read_dt(created),
                 )
             )
+        taken_over = sorted(did for did, owner in owners.items() if owner == taken)
         if not limited:
-            return Claims(claimed)
+            return Claims(claimed, taken_over=taken_over)
         held, opens_at = self._take_tokens(claim=claim, wanted=limited, now=now)
-        return Claims([c for c in claimed if c.delivery_id not in held], gate_opens_at=opens_at)
+        return Claims(
+            [c for c in claimed if c.delivery_id not in held], gate_opens_at=opens_at, taken_over=taken_over
+        )
 
     def _take_tokens(
         self, *, claim: str, wanted: dict[int, list[int]], now: datetime
@@ -388,8 +415,8 @@ class Outbox(Database):
             if held:
                 cur.execute(
                     "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL"  # noqa: S608
-                    f" WHERE id IN ({self._marks(len(held))}) AND lease_owner = {m}",
-                    [*held, claim],
+                    f" WHERE id IN ({self._marks(len(held))}) AND lease_owner IN ({m}, {m})",
+                    [*held, claim, claim + TAKEN_OVER],
                 )
         return set(held), min(opens, default=None)
 
@@ -406,8 +433,8 @@ class Outbox(Database):
         with self._driver(write=True) as cur:
             cur.execute(
                 "UPDATE deliveries SET lease_owner = NULL, lease_expires_at = NULL"  # noqa: S608
-                f" WHERE id IN ({self._marks(len(delivery_ids))}) AND lease_owner = {m}",
-                [*delivery_ids, claim],
+                f" WHERE id IN ({self._marks(len(delivery_ids))}) AND lease_owner IN ({m}, {m})",
+                [*delivery_ids, claim, claim + TAKEN_OVER],
             )
 
     def next_due_after(self, when: datetime) -> datetime | None:
@@ -711,9 +738,17 @@ class Claims(list["Claimed"]):
     """What one claim leased, plus when a rate-limited webhook it held back may be claimed from
     again (None: none was held back), so a dispatcher can wake up then."""
 
-    def __init__(self, jobs: Sequence[Claimed], *, gate_opens_at: datetime | None = None) -> None:
+    def __init__(
+        self,
+        jobs: Sequence[Claimed],
+        *,
+        gate_opens_at: datetime | None = None,
+        taken_over: Sequence[int] = (),
+    ) -> None:
         super().__init__(jobs)
         self.gate_opens_at = gate_opens_at
+        # Ids this claim leased after another claim's lease on them expired.
+        self.taken_over = list(taken_over)
 
 
 @dataclass(frozen=True)
@@ -730,6 +765,7 @@ class Claimed:
     payload: bytes
     claim: str  # the claim's token, held in lease_owner until the result is saved
     team_id: int = 0  # for the attempt's log line
+    created_at: datetime | None = None  # when the delivery was recorded (first-attempt latency)
 
 
 @dataclass(frozen=True)
@@ -750,3 +786,4 @@ class AttemptResult:
     webhook_id: int | None = None  # for the webhook's failure streak (`failing_since`)
     team_id: int | None = None  # these two for the attempt's log line
     event: str | None = None
+    created_at: datetime | None = None  # the delivery's, for the first-attempt latency
