@@ -350,6 +350,110 @@ def latency(tmp: Path, quick: bool) -> None:
                     )
 
 
+# --- 2b. ingest -------------------------------------------------------------------------------
+
+INGEST_CLIENTS = 20
+BATCH_CLIENTS = 4
+
+
+async def post_events(
+    base: str, key: str, n: int, *, batch: int = 0, clients: int = INGEST_CLIENTS
+) -> dict[str, Any]:
+    """`clients` keep-alive connections posting n events (one per request, or `batch` per
+    request to /events/batch) as fast as answers come; the rate and request latencies."""
+    import aiohttp
+
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    per = max(1, batch)
+    requests = n // per
+    bodies: list[bytes] = []
+    for r in range(requests):
+        events = [
+            {"event": "scan", "data": {"qr_code_id": (r * per + j) % 500 + 1, "scan_id": r * per + j + 1}}
+            for j in range(per)
+        ]
+        bodies.append(json.dumps({"events": events} if batch else events[0]).encode())
+    path = "/api/v1/events/batch" if batch else "/api/v1/events"
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    next_body = iter(bodies)
+    shown = Progress(
+        f"posting {'batches' if batch else 'events'}", requests, unit="requests", stream=sys.stdout
+    )
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as session:
+
+        async def client() -> None:
+            for body in next_body:
+                t0 = time.perf_counter()
+                async with session.post(f"{base}{path}", data=body) as resp:
+                    await resp.read()
+                    statuses[resp.status] = statuses.get(resp.status, 0) + 1
+                latencies.append((time.perf_counter() - t0) * 1000)
+                shown.update()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        elapsed = time.perf_counter() - started
+    shown.close()
+    return {
+        "rate": requests * per / elapsed,
+        "p50": pct(latencies, 50),
+        "p99": pct(latencies, 99),
+        "statuses": statuses,
+    }
+
+
+def ingest(tmp: Path, quick: bool) -> None:
+    """POST /api/v1/events into one `serve --no-dispatcher`, one webhook subscribed: each 202 is
+    sent after the event and its deliveries are committed."""
+    n = 2_000 if quick else 20_000
+    targets = {"sqlite": 2500, "postgresql": 2000}
+    for kind in ("sqlite", "postgresql"):
+        with database(kind, tmp) as url:
+            if url is None:
+                row(f"ingest {kind}", "not run", "-", None, "no PostgreSQL configured")
+                continue
+            app = make_app(url)
+            _team, key, _ids = setup_team(app, "http://127.0.0.1:9/hook")
+            app.close()
+            port = free_port()
+            with process(
+                [
+                    PY,
+                    "-m",
+                    "justscan_mcp",
+                    "serve",
+                    "--transport",
+                    "http",
+                    "--port",
+                    str(port),
+                    "--no-dispatcher",
+                ],
+                env(url, JUSTSCAN_LOG_LEVEL="warning"),
+                tmp / f"ingest-{kind}.log",
+            ):
+                base = f"http://127.0.0.1:{port}"
+                wait(lambda b=base: httpx.get(f"{b}/healthz").status_code == 200, 60, "server")
+                asyncio.run(post_events(base, key.key, 200))  # warm-up
+                got = asyncio.run(post_events(base, key.key, n))
+                row(
+                    f"POST /api/v1/events, {kind}",
+                    f"{got['rate']:,.0f} events/s, p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms",
+                    f"≥ {targets[kind]:,}/s, p99 ≤ 50 ms",
+                    got["rate"] >= targets[kind] and got["p99"] <= 50,
+                    f"{n:,} events, one per request, {INGEST_CLIENTS} keep-alive clients; answers {got['statuses']}",
+                )
+                batched = asyncio.run(post_events(base, key.key, n * 5, batch=1000, clients=BATCH_CLIENTS))
+                row(
+                    f"POST /api/v1/events/batch, {kind}",
+                    f"{batched['rate']:,.0f} events/s, p50 {batched['p50']:.0f} ms per batch",
+                    "≥ 25,000/s",
+                    batched["rate"] >= 25_000,
+                    f"{n * 5:,} events in batches of 1,000, {BATCH_CLIENTS} clients; answers {batched['statuses']}",
+                )
+
+
 def cross_process_latency(tmp: Path, quick: bool) -> None:
     """SQLite with a separate worker: `serve --no-dispatcher` records, `worker` sends. The worker
     polls only every 30 s here, so the figure is its wake-up (the newest delivery id, watched every 5 ms) and send."""
@@ -776,14 +880,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, to check the harness")
     parser.add_argument(
-        "--only", help="comma-separated: throughput,latency,wake,mcp,cold,memory,biglog,stats"
+        "--only", help="comma-separated: throughput,latency,ingest,wake,mcp,cold,memory,biglog,stats"
     )
     parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     args = parser.parse_args()
-    chosen = set((args.only or "throughput,latency,wake,mcp,cold,memory,biglog,stats").split(","))
+    chosen = set((args.only or "throughput,latency,ingest,wake,mcp,cold,memory,biglog,stats").split(","))
     steps = [
         ("throughput", throughput),
         ("latency", latency),
+        ("ingest", ingest),
         ("wake", cross_process_latency),
         ("mcp", mcp_latency),
         ("cold", cold_start),

@@ -15,6 +15,8 @@ SRC = ROOT / "src" / "justscan_mcp"
 IMPORT_NAMES = {"python-multipart": "multipart", "psycopg[binary]": "psycopg"}
 USED_WITHOUT_IMPORT = {
     "python-multipart": "Starlette parses the dashboard's forms with it",
+    "httptools": "uvicorn parses HTTP with it when it is installed",
+    "uvloop": "uvicorn runs its event loop on it when it is installed",
 }
 
 
@@ -63,6 +65,7 @@ RANK = {
     "client_documents": 5,
     "service": 6,
     "dispatcher": 6,
+    "groupcommit": 6,
     "app": 7,
     "mcp_server": 8,
     "oauth_server": 8,

@@ -41,6 +41,7 @@ ARGS: dict[str, dict[str, Any]] = {
     "rotate_secret": {"webhook_id": MISSING},
     "recover_deliveries": {"webhook_id": MISSING, "since": "2026-01-01T00:00:00+00:00"},
     "emit_event": {"event": "scan", "data": {"qr_code_id": 1, "scan_id": 1}},
+    "emit_events": {"events": [{"event": "scan", "data": {"qr_code_id": 1, "scan_id": 1}}]},
 }
 # SPEC's scopes, pinned: changing one is a change of the contract, made here and in the table.
 SPEC_SCOPES = {
@@ -56,6 +57,7 @@ SPEC_SCOPES = {
     "rotate_secret": "webhooks:write",
     "recover_deliveries": "webhooks:write",
     "emit_event": "events:write",
+    "emit_events": "events:write",
 }
 FORMS: dict[str, dict[str, Any]] = {
     "/webhooks": {"url": PUBLIC_URL, "events": ["scan"]},

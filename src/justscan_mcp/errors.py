@@ -15,6 +15,7 @@ each; the service never knows which front end called it.
     │       └── MissingScope  the key lacks `.scope`
     ├── OAuthRefused          an OAuth request refused; `.error` is RFC 6749's code
     ├── ConfigError           an environment variable or flag is malformed
+    ├── Overloaded            too much work waits already; retry shortly     (HTTP 429)
     └── StoreUnavailable      the database cannot be reached
 
 Third-party errors (SQLAlchemy, socket) are translated at the adapter boundary with
@@ -98,6 +99,13 @@ class ConfigError(JustScanError):
     """Configuration (environment or flags) is malformed."""
 
 
+class Overloaded(JustScanError):
+    """More work waits than the service takes on: the caller should retry after a moment
+    (HTTP 429 with Retry-After) rather than the service queueing without bound."""
+
+    RETRY_AFTER = 1  # seconds
+
+
 class StoreUnavailable(JustScanError):
     """The database cannot be reached right now.
 
@@ -114,6 +122,7 @@ HTTP_STATUS: tuple[tuple[type[JustScanError], int, str], ...] = (
     (Conflict, 409, "conflict"),
     (Unauthenticated, 401, "unauthenticated"),
     (Forbidden, 403, "forbidden"),
+    (Overloaded, 429, "overloaded"),
     (StoreUnavailable, 503, "unavailable"),
 )
 """The one error -> HTTP status table, for the REST API and the dashboard alike."""

@@ -34,6 +34,7 @@ from justscan_mcp.mcp_server import build_mcp_server
 from justscan_mcp.models import Principal, UncheckedKey
 from justscan_mcp.oauth_server import MCP_SCOPES, oauth_routes, resource_metadata_url, resource_url
 from justscan_mcp.probes import probe_routes
+from justscan_mcp.rest_api import API_PREFIX
 from justscan_mcp.service.oauth import looks_like_access_token
 from justscan_mcp.threads import in_thread
 
@@ -185,7 +186,6 @@ class BearerKeyAuth:
             auth_context_var.reset(reset)
 
 
-API_PREFIX = "/api/v1"
 MAX_BODY = 1024 * 1024
 MAX_FORM_BODY = 64 * 1024  # the dashboard's forms, some of them open to anyone (sign-in)
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -279,11 +279,11 @@ def build_http_app(
             yield {}
 
     from justscan_mcp.dashboard import build_dashboard
-    from justscan_mcp.rest_api import build_rest_api
+    from justscan_mcp.rest_api import FastIngest, build_rest_api
 
     routes: list[BaseRoute] = [
         *probe_routes(app),
-        Mount(API_PREFIX, app=build_rest_api(app)),
+        Mount(API_PREFIX, app=FastIngest(build_rest_api(app), app)),
         *streamable.routes,
         *sse.routes,
         *oauth_routes(app, public_url),

@@ -30,6 +30,7 @@ from pydantic.fields import FieldInfo
 from justscan_mcp.errors import InvalidInput
 from justscan_mcp.events import EmittableEvent
 from justscan_mcp.models import (
+    BATCH_MAX,
     DESCRIPTION_MAX_LENGTH,
     EVENT_NAMES,
     IDEMPOTENCY_KEY_MAX,
@@ -185,6 +186,31 @@ class EventEmitInput(EventEmit):
             max_length=IDEMPOTENCY_KEY_MAX,
             description="A repeat of the same request with the same key, within 24 hours, answers the "
             "first answer again and records nothing; the same key with another request is refused.",
+        ),
+    ] = None
+
+
+class EventBatch(Input):
+    # Each item is checked on its own (a bad one is refused in the answer, the rest recorded),
+    # so the list holds plain objects here.
+    events: Annotated[
+        list[Any],
+        Field(
+            min_length=1,
+            max_length=BATCH_MAX,
+            description=f'1 to {BATCH_MAX} events, each {{"event", "data"}} as for POST /events.',
+        ),
+    ]
+
+
+class EventBatchInput(EventBatch):
+    idempotency_key: Annotated[
+        str | None,
+        Field(
+            min_length=1,
+            max_length=IDEMPOTENCY_KEY_MAX,
+            description="Applies to the whole request: a repeat with the same body within 24 hours "
+            "answers the first answer again and records nothing.",
         ),
     ] = None
 

@@ -672,6 +672,30 @@ class EmitResult(BaseModel):
     replayed: bool = PublicField(default=False, exclude=True)
 
 
+BATCH_MAX = 1000  # events per POST /events/batch
+
+
+class BatchItemResult(BaseModel):
+    """One event of a batch: recorded (`event_id`, `deliveries`), or refused (`error`, `message`,
+    `field` naming it as `events[i].<field>`; nothing of it was recorded)."""
+
+    index: int
+    event_id: int | None = None
+    deliveries: list[int] | None = None
+    error: str | None = None
+    message: str | None = None
+    field: str | None = None
+
+
+class BatchEmitResult(BaseModel):
+    """The answer to a batch: per event, in order, its id and deliveries or its error."""
+
+    recorded: int
+    failed: int
+    results: list[BatchItemResult]
+    replayed: bool = PublicField(default=False, exclude=True)
+
+
 class TestOutcome(BaseModel):
     delivery_id: int
     state: str

@@ -13,6 +13,7 @@ list role names). The MCP switch of a key does not matter here; scopes do.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -22,16 +23,19 @@ from fastapi import Body, FastAPI, Header, Path, Query, Request, Response, Secur
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from pydantic.fields import FieldInfo
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from justscan_mcp import __version__
 from justscan_mcp.app import App
-from justscan_mcp.errors import JustScanError, MissingScope, http_status, public_message
+from justscan_mcp.errors import JustScanError, MissingScope, Overloaded, http_status, public_message
+from justscan_mcp.groupcommit import GroupCommit
 from justscan_mcp.inputs import EventEmit, SecretRotation, WebhookCreate, WebhookUpdate, field_type
-from justscan_mcp.models import Principal
+from justscan_mcp.models import EmitResult, Principal
 from justscan_mcp.service import Service
+from justscan_mcp.service.events import IngestRequest
 from justscan_mcp.service.operations import OPERATIONS, Operation, invoke
 from justscan_mcp.threads import in_thread
 
@@ -73,7 +77,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def error_response(status: int, code: str, message: str, field: str | None) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="justscan"'} if status == 401 else None
+    headers = None
+    if status == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="justscan"'}
+    elif status == 429:
+        headers = {"Retry-After": str(Overloaded.RETRY_AFTER)}
     return JSONResponse(
         {"error": code, "message": message, "field": field}, status_code=status, headers=headers
     )
@@ -95,6 +103,18 @@ def _field_of(loc: tuple[Any, ...]) -> str:
     if parts and parts[0] in ("body", "path", "query", "header"):
         parts = parts[1:]
     return ".".join(parts) or "body"
+
+
+def validation_response(errors: Any) -> JSONResponse:
+    """422 for the first of pydantic's errors (locations as FastAPI gives them, `body` first)."""
+    first = errors[0]
+    field = _field_of(tuple(first.get("loc", ())))
+    message = first.get("msg", "invalid")
+    if first.get("type") == "extra_forbidden":
+        message = "is not a field of this request"
+    elif first.get("type") == "json_invalid":
+        field, message = "body", "is not valid JSON"
+    return error_response(422, "invalid_input", f"{field}: {message}", field)
 
 
 BEARER = HTTPBearer(
@@ -237,14 +257,7 @@ def build_rest_api(app: App) -> FastAPI:
 
     @api.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0]
-        field = _field_of(tuple(first.get("loc", ())))
-        message = first.get("msg", "invalid")
-        if first.get("type") == "extra_forbidden":
-            message = "is not a field of this request"
-        elif first.get("type") == "json_invalid":
-            field, message = "body", "is not valid JSON"
-        return error_response(422, "invalid_input", f"{field}: {message}", field)
+        return validation_response(exc.errors())
 
     for op in OPERATIONS:
         route = op.route
@@ -261,3 +274,91 @@ def build_rest_api(app: App) -> FastAPI:
         )
 
     return api
+
+
+# --- the ingest fast path -------------------------------------------------------------------
+
+API_PREFIX = "/api/v1"  # where http_server mounts this API
+API_EVENTS = API_PREFIX + "/events"
+
+
+class FastIngest:
+    """`POST /api/v1/events` without an Idempotency-Key, the path a QR campaign's scans take:
+    answered here instead of through FastAPI, and recorded through the group commit, so that
+    concurrent requests share one transaction (and one key lookup per distinct key). The
+    answers are the route's own, byte for byte: 202 `{"event_id", "deliveries"}` once
+    committed, and the same errors (401, 403 naming events:write, 422 naming the field, 503),
+    plus 429 with Retry-After when too many events wait. Everything else passes through."""
+
+    def __init__(self, api: ASGIApp, justscan: App) -> None:
+        self.api = api
+        self.service = justscan.service
+        self.commit: GroupCommit[IngestRequest, EmitResult | JustScanError] = GroupCommit(
+            # Two batches in flight on PostgreSQL, where one's round trips hide the other's
+            # (measured, POST /events, 20 clients, 3 runs each: median 1,918/s with one writer,
+            # 2,081/s with two, 1,859/s with four); SQLite has one writer anyway.
+            self.service.ingest,
+            writers=2 if justscan.store.backend == "postgresql" else 1,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] != "POST"
+            or scope["path"] not in (API_EVENTS, "/events")
+            or any(name == b"idempotency-key" for name, _ in scope["headers"])
+        ):
+            await self.api(scope, receive, send)
+            return
+        raw_key = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                raw_key = token.strip() if scheme.lower() == "bearer" and token.strip() else None
+                break
+        body = b""
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        response: Response
+        # Parsed as the FastAPI route parses it (json.loads, then the model), so the answers
+        # match: a lone surrogate escape reaches the event's own check and is named there.
+        problem: JSONResponse | None = None
+        try:
+            emit = EventEmit.model_validate(json.loads(body))
+        except UnicodeDecodeError:
+            problem = http_error_response(400)
+        except json.JSONDecodeError:
+            problem = validation_response([{"type": "json_invalid", "loc": ("body",), "msg": "invalid"}])
+        except ValidationError as exc:
+            problem = validation_response([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()])
+        if problem is not None:
+            # As the route answers: a refused key first, then the body's first problem.
+            response = await self._refusal(raw_key) or problem
+            await response(scope, receive, send)
+            return
+        try:
+            result = await self.commit.submit(IngestRequest(raw_key, emit.event, emit.data))
+        except JustScanError as exc:
+            result = exc
+        if isinstance(result, JustScanError):
+            status, code = http_status(result)
+            response = error_response(status, code, public_message(result), getattr(result, "field", None))
+        else:
+            response = Response(result.model_dump_json(), status_code=202, media_type="application/json")
+        await response(scope, receive, send)
+
+    async def _refusal(self, raw_key: str | None) -> JSONResponse | None:
+        """The answer for a key that may not emit events, or None."""
+        try:
+            principal = await in_thread(self.service.authenticate, raw_key)
+            if not principal.has("events:write"):
+                raise MissingScope("events:write", "emit_event")
+        except JustScanError as exc:
+            status, code = http_status(exc)
+            return error_response(status, code, public_message(exc), getattr(exc, "field", None))
+        return None

@@ -22,6 +22,8 @@ from justscan_mcp.inputs import (
     DeliveryRecovery,
     DeliveryRecoveryInput,
     DeliveryRef,
+    EventBatch,
+    EventBatchInput,
     EventEmit,
     EventEmitInput,
     SecretRotation,
@@ -34,6 +36,7 @@ from justscan_mcp.inputs import (
     WebhookUpdate,
 )
 from justscan_mcp.models import (
+    BatchEmitResult,
     Caller,
     DeliveryPage,
     DeliveryPublic,
@@ -291,6 +294,28 @@ OPERATIONS: tuple[Operation, ...] = (
             reply_headers={"Idempotent-Replayed": "replayed"},
         ),
         # Events come from Just Scan It's own systems, not from assistants.
+        mcp_tool=False,
+    ),
+    Operation(
+        name="emit_events",
+        title="Record a batch of events",
+        description="Record 1 to 1,000 events for your team in one request. Each is checked on its own: "
+        "the answer lists, per event in order, its id and deliveries or its error, and the valid ones "
+        "are recorded even when others are refused. An Idempotency-Key covers the whole request.",
+        scope=EVENTS_WRITE,
+        hints=Hints(read_only=False, destructive=False, idempotent=False, open_world=True),
+        input=EventBatchInput,
+        output=BatchEmitResult,
+        use_case="emit_events_as",
+        route=HttpRoute(
+            "POST",
+            "/events/batch",
+            202,
+            body=EventBatch,
+            tag="events",
+            headers={"idempotency_key": "Idempotency-Key"},
+            reply_headers={"Idempotent-Replayed": "replayed"},
+        ),
         mcp_tool=False,
     ),
 )

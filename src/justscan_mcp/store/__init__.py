@@ -30,7 +30,9 @@ from justscan_mcp.store.outbox import (
     AttemptResult,
     Claimed,
     Claims,
+    KeyRow,
     NewestDeliveryProbe,
+    NewEvent,
     Outbox,
 )
 from justscan_mcp.store.retention import Purged, RetentionRepository
@@ -60,6 +62,8 @@ __all__ = [
     "Claims",
     "Database",
     "DeliveryLog",
+    "KeyRow",
+    "NewEvent",
     "NewestDeliveryProbe",
     "OAuthRepository",
     "OperationsCounts",

@@ -9,10 +9,12 @@ per-row compile, bind and coercion work was most of a worker's database time.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -27,7 +29,6 @@ from justscan_mcp.models import (
     OPEN_STATES_SQL,
     Delivery,
     Event,
-    FirstScan,
     IdempotencyKey,
     Webhook,
     outcome_class,
@@ -64,30 +65,26 @@ class Outbox(Database):
 
         Returns the event id and the ids of every delivery created (first_scan ones included).
         """
-        with self.session(write=True) as s:
-            return self._record(
-                s, team_id=team_id, event=event, payload=payload, now=now, first_scan=first_scan
-            )
+        item = NewEvent(team_id=team_id, event=event, payload=payload, first_scan=first_scan)
+        return self.record_events(items=[item], now=now)[0]
 
-    def record_event_once(
+    def record_events_once(
         self,
         *,
         team_id: int,
         key: str,
         request_hash: str,
-        answer: Callable[[int, list[int]], str],
+        answer: Callable[[list[tuple[int, list[int]]]], str],
         expires_at: datetime,
-        event: str,
-        payload: bytes,
+        items: Sequence[NewEvent],
         now: datetime,
-        first_scan: tuple[int, bytes] | None = None,
     ) -> tuple[str, bool]:
-        """`record_event` under an idempotency key, in one transaction. The first use of the key
-        records the event and stores `answer(event_id, deliveries)`; a repeat with the same
-        `request_hash` returns that stored answer and records nothing. The key's primary key
-        decides which of two concurrent requests is first: the other waits for it to commit
-        (PostgreSQL's unique check; SQLite's write lock) and then replays. An expired key is
-        used afresh. Returns (the answer, whether it was replayed).
+        """`record_events` under an idempotency key, in one transaction. The first use of the key
+        records the events and stores `answer(results)`; a repeat with the same `request_hash`
+        returns that stored answer and records nothing. The key's primary key decides which of
+        two concurrent requests is first: the other waits for it to commit (PostgreSQL's unique
+        check; SQLite's write lock) and then replays. An expired key is used afresh. Returns
+        (the answer, whether it was replayed).
 
         Raises:
             Conflict: (Idempotency-Key) the key was used with a different request.
@@ -127,10 +124,14 @@ class Outbox(Database):
                     return row.response, True
                 row.request_hash, row.created_at, row.expires_at = request_hash, now, expires_at
                 s.add(row)
-            event_id, deliveries = self._record(
-                s, team_id=team_id, event=event, payload=payload, now=now, first_scan=first_scan
-            )
-            response = answer(event_id, deliveries)
+                s.flush()
+            # The events on the driver cursor of this same transaction.
+            cur = s.connection().connection.driver_connection.cursor()  # type: ignore[union-attr]
+            try:
+                results = self._record_many(cur, items, now) if items else []
+            finally:
+                cur.close()
+            response = answer(results)
             s.execute(
                 update(IdempotencyKey)
                 .where(col(IdempotencyKey.team_id) == team_id)
@@ -139,39 +140,241 @@ class Outbox(Database):
             )
             return response, False
 
-    def _record(
+    def record_events(self, *, items: Sequence[NewEvent], now: datetime) -> list[tuple[int, list[int]]]:
+        """Record many events, each fanned out like `record_event`, in one transaction: what a
+        batch request and the group commit of concurrent requests write. One statement per
+        table, whatever the count: the teams' active webhooks (FOR SHARE on PostgreSQL), the
+        events, the first_scans claim (the primary key decides the first scan of a QR code, also
+        between two scans of one batch: the earlier one wins), and the deliveries. One NOTIFY.
+
+        Returns, per item in order, the event id and its delivery ids (first_scan ones after).
+
+        Raises:
+            StoreUnavailable. Conflict, InvalidInput: a row the database refuses; nothing of the
+                batch is recorded then (the caller records the items one by one to find it).
+        """
+        if not items:
+            return []
+        with self._driver(write=True) as cur:
+            return self._record_many(cur, items, now)
+
+    def record_events_by_keys(
         self,
-        s: Session,
         *,
-        team_id: int,
-        event: str,
-        payload: bytes,
+        key_hashes: Sequence[str],
+        build: Callable[[Mapping[str, KeyRow]], Sequence[NewEvent]],
         now: datetime,
-        first_scan: tuple[int, bytes] | None,
-    ) -> tuple[int, list[int]]:
-        """The body of `record_event`, inside the caller's write transaction."""
+    ) -> tuple[list[NewEvent], list[tuple[int, list[int]]]]:
+        """The group commit's transaction: read the API keys with these hashes, let `build` turn
+        them into the events to record (it refuses what they may not do), and record those, all
+        in one transaction: one key lookup per batch of requests, not one per request. Returns
+        the events built and, per event, its id and delivery ids.
+
+        Raises:
+            StoreUnavailable. Conflict, InvalidInput: as record_events (nothing is recorded).
+        """
+        with self._driver(write=True) as cur:
+            keys_sql = (
+                "SELECT key_hash, id, team_id, scopes, revoked_at, last_used_at, prefix"  # noqa: S608
+                f" FROM api_keys WHERE key_hash IN ({self._marks(len(key_hashes))})"
+            )
+            hooks = None
+            if not key_hashes:
+                rows: list[Any] = []
+            elif self.backend == "postgresql":
+                # The keys and their teams' webhooks in one round trip (BEGIN rides along).
+                conn = cur.connection
+                with conn.pipeline():
+                    kc, hc = conn.cursor(), conn.cursor()
+                    kc.execute(keys_sql, list(key_hashes))
+                    hc.execute(
+                        self._hooks_sql(
+                            f"SELECT team_id FROM api_keys WHERE key_hash IN ({self._marks(len(key_hashes))})"  # noqa: S608
+                        ),
+                        list(key_hashes),
+                    )
+                    rows = kc.fetchall()
+                    hooks = self._hooks_of(hc.fetchall())
+            else:
+                cur.execute(keys_sql, list(key_hashes))
+                rows = cur.fetchall()
+            read_dt = self._dt_result
+            keys = {
+                key_hash: KeyRow(
+                    id=kid,
+                    team_id=team,
+                    scopes=frozenset(json.loads(scopes) if isinstance(scopes, str) else scopes),
+                    revoked=revoked is not None,
+                    last_used_at=read_dt(used),
+                    prefix=prefix,
+                )
+                for key_hash, kid, team, scopes, revoked, used, prefix in rows
+            }
+            items = list(build(keys))
+            return items, (self._record_many(cur, items, now, hooks=hooks) if items else [])
+
+    def _hooks_sql(self, teams: str) -> str:
+        """The active webhooks of the teams `teams` (a list of placeholders, or a subquery)."""
         # FOR SHARE (PostgreSQL): a concurrent delete or deactivation of one of these webhooks
-        # waits for this transaction, or this one sees its result; without the lock an event
-        # racing a delete failed on the foreign key and one racing a deactivation left an
-        # open delivery to an inactive webhook. SQLite's write lock already serialises them.
-        hooks = s.exec(
-            select(Webhook)
-            .where(Webhook.team_id == team_id)
-            .where(col(Webhook.active))
-            .with_for_update(read=True)
-        ).all()
-        scan = self._add_event(s, team_id, event, payload, now)
-        deliveries = self._fan_out(s, hooks, scan, now)
-        if first_scan is not None:
-            qr_code_id, first_payload = first_scan
-            if self._claim_first_scan(s, team_id=team_id, qr_code_id=qr_code_id, event_id=scan.id):
-                first = self._add_event(s, team_id, "first_scan", first_payload, now)
-                deliveries += self._fan_out(s, hooks, first, now)
-        s.flush()
-        if deliveries:
-            self._notify(s)
-        assert scan.id is not None
-        return scan.id, [d.id for d in deliveries if d.id is not None]
+        # waits for this transaction, or this one sees its result; SQLite's write lock already
+        # serialises them.
+        lock = " FOR SHARE" if self.backend == "postgresql" else ""
+        return f"SELECT id, team_id, events FROM webhooks WHERE team_id IN ({teams}) AND active ORDER BY id{lock}"  # noqa: S608
+
+    @staticmethod
+    def _hooks_of(rows: Sequence[Any]) -> dict[int, list[tuple[int, list[str]]]]:
+        hooks: dict[int, list[tuple[int, list[str]]]] = {}
+        for hook_id, team_id, events in rows:
+            hooks.setdefault(team_id, []).append(
+                (hook_id, json.loads(events) if isinstance(events, str) else events)
+            )
+        return hooks
+
+    def _record_many(
+        self,
+        cur: Any,
+        items: Sequence[NewEvent],
+        now: datetime,
+        *,
+        hooks: dict[int, list[tuple[int, list[str]]]] | None = None,
+    ) -> list[tuple[int, list[int]]]:
+        """The body of `record_events`, on a driver cursor inside the caller's write transaction
+        (`hooks`: the teams' active webhooks when the caller has read them already).
+
+        On PostgreSQL the statements go in three round trips (psycopg's pipeline mode): the ids
+        of both tables from their sequences (for every possible first_scan too; unused ones are
+        gaps), then the events with the first_scans claim, then the first_scan events, the
+        deliveries and the NOTIFY. SQLite runs them one by one in C, on a local file."""
+        pg = self.backend == "postgresql"
+        m = self._mark
+        if hooks is None:
+            teams = sorted({it.team_id for it in items})
+            cur.execute(self._hooks_sql(self._marks(len(teams))), teams)
+            hooks = self._hooks_of(cur.fetchall())
+        stamp = self._dt_bind(now)
+
+        def subscribed(team: int, name: str) -> list[int]:
+            return [hook for hook, events in hooks.get(team, []) if name in events]
+
+        # The first scan of each (team, QR code) not yet seen, earliest in the batch first.
+        firsts: dict[tuple[int, int], int] = {}
+        for n, it in enumerate(items):
+            if it.first_scan is not None:
+                firsts.setdefault((it.team_id, it.first_scan[0]), n)
+        event_pool: list[int] = []
+        delivery_pool: list[int] = []
+        if pg:
+            most = sum(len(subscribed(it.team_id, it.event)) for it in items) + sum(
+                len(subscribed(team, "first_scan")) for team, _ in firsts
+            )
+            event_pool, delivery_pool = self._new_ids(cur, len(items) + len(firsts), most)
+        with self._pipeline(cur):
+            event_ids = self._insert_events(
+                cur, [(it.team_id, it.event, it.payload) for it in items], stamp, event_pool
+            )
+            won: list[int] = []
+            if firsts:
+                # In key order: two transactions claiming overlapping codes lock them in one order.
+                rows = [(team, qr, event_ids[n]) for (team, qr), n in sorted(firsts.items())]
+                claim = cur.connection.cursor() if pg else cur
+                claim.execute(
+                    "INSERT INTO first_scans (team_id, qr_code_id, event_id) VALUES "  # noqa: S608
+                    + ", ".join([f"({m}, {m}, {m})"] * len(rows))
+                    + " ON CONFLICT DO NOTHING RETURNING team_id, qr_code_id",
+                    [v for r in rows for v in r],
+                )
+                won = sorted(firsts[(team, qr)] for team, qr in claim.fetchall())
+        first_rows = []
+        for n in won:
+            first = items[n].first_scan
+            assert first is not None
+            first_rows.append((items[n].team_id, "first_scan", first[1]))
+        with self._pipeline(cur):
+            first_ids = self._insert_events(cur, first_rows, stamp, event_pool[len(items) :])
+            # Deliveries: the events in order, each followed by its first_scan's.
+            wanted: list[tuple[int, int, int, str]] = []  # (item, webhook, event id, name) per delivery
+            order = [(n, event_ids[n], items[n].event) for n in range(len(items))]
+            order += [(n, fid, "first_scan") for n, fid in zip(won, first_ids, strict=True)]
+            for n, event_id, name in order:
+                wanted += [(n, hook, event_id, name) for hook in subscribed(items[n].team_id, name)]
+            delivery_ids = self._insert_deliveries(
+                cur,
+                [(items[n].team_id, hook, event_id, name) for n, hook, event_id, name in wanted],
+                stamp,
+                delivery_pool,
+            )
+            if delivery_ids and pg:
+                cur.execute("SELECT pg_notify(%s, '')", (NOTIFY_CHANNEL,))
+        out: list[tuple[int, list[int]]] = [(event_ids[n], []) for n in range(len(items))]
+        for (n, _, _, _), did in zip(wanted, delivery_ids, strict=True):
+            out[n][1].append(did)
+        return out
+
+    def _pipeline(self, cur: Any) -> Any:
+        """PostgreSQL: the statements of the block in one round trip; elsewhere nothing."""
+        return cur.connection.pipeline() if self.backend == "postgresql" else contextlib.nullcontext()
+
+    def _new_ids(self, cur: Any, events: int, deliveries: int) -> tuple[list[int], list[int]]:
+        """PostgreSQL: ids for that many events and deliveries from the tables' sequences in one
+        round trip, so rows inserted in one statement are known by id without relying on the
+        order of RETURNING."""
+        cur.execute(
+            "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('events', 'id')) FROM generate_series(1, %s)),"
+            " ARRAY(SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) FROM generate_series(1, %s))",
+            (events, deliveries),
+        )
+        got = cur.fetchone()
+        return list(got[0]), list(got[1])
+
+    def _insert_events(
+        self, cur: Any, rows: Sequence[tuple[int, str, bytes]], stamp: Any, ids: Sequence[int]
+    ) -> list[int]:
+        """Insert events; PostgreSQL takes their ids from `ids` (at least as many as rows)."""
+        if not rows:
+            return []
+        if self.backend == "postgresql":
+            cur.executemany(
+                "INSERT INTO events (id, team_id, name, payload, created_at) VALUES (%s, %s, %s, %s, %s)",
+                [
+                    (i, team, name, payload.decode("utf-8"), stamp)
+                    for i, (team, name, payload) in zip(ids, rows, strict=False)
+                ],
+            )
+            return list(ids[: len(rows)])
+        out = []
+        for team, name, payload in rows:  # sqlite3 runs these in C; the ids are the rowids
+            cur.execute(
+                "INSERT INTO events (team_id, name, payload, created_at) VALUES (?, ?, ?, ?)",
+                (team, name, payload.decode("utf-8"), stamp),
+            )
+            out.append(cur.lastrowid)
+        return out
+
+    def _insert_deliveries(
+        self, cur: Any, rows: Sequence[tuple[int, int, int, str]], stamp: Any, ids: Sequence[int]
+    ) -> list[int]:
+        """Insert pending deliveries; PostgreSQL takes their ids from `ids`."""
+        if not rows:
+            return []
+        columns = (
+            "team_id, webhook_id, event_id, event, state, is_test, attempt_count, next_attempt_at,"
+            " created_at, updated_at"
+        )
+        if self.backend == "postgresql":
+            cur.executemany(
+                f"INSERT INTO deliveries (id, {columns})"  # noqa: S608
+                " VALUES (%s, %s, %s, %s, %s, 'pending', false, 0, %s, %s, %s)",
+                [(i, *r, stamp, stamp, stamp) for i, r in zip(ids, rows, strict=False)],
+            )
+            return list(ids[: len(rows)])
+        out = []
+        for r in rows:
+            cur.execute(
+                f"INSERT INTO deliveries ({columns}) VALUES (?, ?, ?, ?, 'pending', 0, 0, ?, ?, ?)",  # noqa: S608
+                (*r, stamp, stamp, stamp),
+            )
+            out.append(cur.lastrowid)
+        return out
 
     def _notify(self, s: Session) -> None:
         """Tell dispatchers in other processes that work is due. NOTIFY is transactional: it is
@@ -228,19 +431,6 @@ class Outbox(Database):
         s.add_all(rows)
         s.flush()
         return rows
-
-    def _claim_first_scan(self, s: Session, *, team_id: int, qr_code_id: int, event_id: int | None) -> bool:
-        values = {"team_id": team_id, "qr_code_id": qr_code_id, "event_id": event_id}
-        if self.backend == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert as pg_insert
-
-            stmt: Any = pg_insert(FirstScan).values(**values).on_conflict_do_nothing()
-        else:
-            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-
-            stmt = sqlite_insert(FirstScan).values(**values).on_conflict_do_nothing()
-        result = s.execute(stmt.returning(col(FirstScan.qr_code_id)))
-        return result.first() is not None
 
     def record_test_delivery(self, *, webhook: Webhook, payload: bytes, now: datetime) -> int:
         """A `test` event for one webhook and its single-attempt delivery, in one transaction."""
@@ -749,6 +939,29 @@ class Claims(list["Claimed"]):
         self.gate_opens_at = gate_opens_at
         # Ids this claim leased after another claim's lease on them expired.
         self.taken_over = list(taken_over)
+
+
+@dataclass(frozen=True)
+class KeyRow:
+    """An API key as the group commit's transaction reads it."""
+
+    id: int
+    team_id: int
+    scopes: frozenset[str]
+    revoked: bool
+    last_used_at: datetime | None
+    prefix: str  # the visible start of the key, for messages
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event to record (`record_events`): its signed envelope, and for a scan the QR code and
+    the envelope of the first_scan it makes if it is that code's first."""
+
+    team_id: int
+    event: str
+    payload: bytes
+    first_scan: tuple[int, bytes] | None = None
 
 
 @dataclass(frozen=True)
