@@ -105,6 +105,27 @@ def pg_base_url() -> Iterator[str | None]:
         admin.dispose()
 
 
+@contextmanager
+def own_pg_database(base: str, prefix: str = "justscan_own") -> Iterator[str]:
+    """A PostgreSQL database of its own, migrated, dropped after: for tests whose rows would
+    crowd the shared test database (thousands of deliveries other modules' dispatchers would
+    then work through) or that count across every team."""
+    admin = create_engine(normalise_url(base), isolation_level="AUTOCOMMIT")
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(normalise_url(base)).set(database=name).render_as_string(hide_password=False)
+    try:
+        store = Store.from_url(url)
+        store.migrate()
+        store.close()
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @pytest.fixture(scope="module")
 def pg_url(pg_base_url: str | None) -> str:
     """PostgreSQL only, migrated: for tests of what only a network database has (scale-out,

@@ -10,7 +10,6 @@ import json
 import signal
 import subprocess
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -19,19 +18,19 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import Delivery, DeliveryAttempt, Event, Webhook, outcome_class, utcnow
 from justscan_mcp.progress import Progress
-from justscan_mcp.store import AttemptResult, Store, normalise_url
+from justscan_mcp.store import AttemptResult, Store
 from tests.conftest import (
     child_env,
     free_port,
     make_team,
     missing,
+    own_pg_database,
     spawn_server,
     spawn_worker,
     stop_process,
@@ -55,20 +54,17 @@ def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     base = request.getfixturevalue("pg_base_url")
     if base is None:
         missing("JUSTSCAN_TEST_DATABASE_URL", "set it to run the PostgreSQL half")
-    admin = create_engine(normalise_url(base), isolation_level="AUTOCOMMIT")
-    name = f"justscan_obs_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as c:
-        c.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(normalise_url(base)).set(database=name).render_as_string(hide_password=False)
-    store = Store.from_url(url)
-    store.migrate()
-    store.close()
-    try:
+    with own_pg_database(base, "justscan_obs") as url:
         yield url
-    finally:
-        with admin.connect() as c:
-            c.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+
+
+@pytest.fixture
+def own_pg(pg_base_url: str | None) -> Iterator[str]:
+    """PostgreSQL only, a database of its own (counters must count only this test's work)."""
+    if pg_base_url is None:
+        missing("JUSTSCAN_TEST_DATABASE_URL", "this test runs on PostgreSQL; set it")
+    with own_pg_database(pg_base_url, "justscan_obs") as url:
+        yield url
 
 
 def _app(url: str, **settings: object) -> App:
@@ -388,7 +384,8 @@ def test_a_claim_says_which_deliveries_it_took_over_from_an_expired_lease(app: A
 
 
 @pytest.mark.slow
-def test_a_sigkilled_worker_s_delivery_is_taken_over_logged_and_counted(pg_url: str, tmp_path: Path):
+def test_a_sigkilled_worker_s_delivery_is_taken_over_logged_and_counted(own_pg: str, tmp_path: Path):
+    pg_url = own_pg  # another module's expired leases on the shared database would be taken over too
     app = _app(pg_url, allow_private_targets=True)
     kit = make_team(app, "sigkill")
     env = {

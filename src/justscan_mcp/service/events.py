@@ -15,6 +15,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from justscan_mcp.errors import (
@@ -67,7 +68,7 @@ def _stored(team_id: int, event: str, model: Any, now: datetime) -> NewEvent:
     """What is stored for a checked event (`model` from validate_emit)."""
     first = None
     if event == "scan":
-        first = (int(model.qr_code_id), envelope("first_scan", model, now))
+        first = (int(model.qr_code_id), partial(envelope, "first_scan", model, now))
     return NewEvent(team_id=team_id, event=event, payload=envelope(event, model, now), first_scan=first)
 
 
