@@ -174,7 +174,8 @@ def _http_banner(host: str, port: int, first_key: str | None, settings: Settings
         f"  dashboard:             {base}/  (sign in with an API key; admin area: "
         + ("open" if settings.admin_password else "closed, set JUSTSCAN_ADMIN_PASSWORD")
         + ")",
-        f"  health:                {base}/healthz",
+        f"  health:                {base}/healthz  {base}/readyz",
+        f"  metrics (Prometheus):  {base}/metrics  (an operator's view: `justscan-mcp status`)",
         f"  database:              {_redacted(settings.database_url)}",
         "",
     ]

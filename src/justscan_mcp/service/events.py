@@ -159,7 +159,7 @@ class EventUseCases(UseCases):
                 outcomes.append(_prepare(team_id, raw.get("event"), raw.get("data"), now))
             except InvalidInput as exc:
                 field = f"events[{n}]" + (f".{exc.field}" if exc.field else "")
-                outcomes.append(InvalidInput(field, exc.message))
+                outcomes.append(InvalidInput(field, exc.reason))
         valid = [o for o in outcomes if isinstance(o, NewEvent)]
         if idempotency_key is None:
             result = _answer(outcomes, self._record(valid, now))
