@@ -99,9 +99,9 @@ class EventUseCases(UseCases):
         """
         _check_idempotency_key(idempotency_key)
         now = self.clock()
-        item = _prepare(0, event, data, now)  # the team is checked after the data, as before
+        model = validate_emit(event, data)  # the data first, then the team, as before
         tid = self._require_team(team_id)
-        item = NewEvent(team_id=tid, event=item.event, payload=item.payload, first_scan=item.first_scan)
+        item = _stored(tid, event, model, now)
         if idempotency_key is None:
             event_id, deliveries = self.store.record_events(items=[item], now=now)[0]
             result = EmitResult(event_id=event_id, deliveries=deliveries)
@@ -210,8 +210,11 @@ class EventUseCases(UseCases):
             except InvalidInput as exc:
                 checked.append((key_hash, req.event, exc))
         outcomes: list[NewEvent | JustScanError] = []
+        seen: Mapping[str, KeyRow] = {}
 
         def build(keys: Mapping[str, KeyRow]) -> list[NewEvent]:
+            nonlocal seen
+            seen = keys
             outcomes.clear()
             for c in checked:
                 if isinstance(c, JustScanError):
@@ -233,19 +236,13 @@ class EventUseCases(UseCases):
                     outcomes.append(_stored(key.team_id, event, model, now))
             return [o for o in outcomes if isinstance(o, NewEvent)]
 
-        seen: Mapping[str, KeyRow] = {}
-
-        def build_and_keep(keys: Mapping[str, KeyRow]) -> list[NewEvent]:
-            nonlocal seen
-            seen = keys
-            return build(keys)
-
         stored: list[tuple[int, list[int]] | JustScanError]
         try:
-            _, rows = self.store.record_events_by_keys(
-                key_hashes=sorted(set(hashes.values())), build=build_and_keep, now=now
+            stored = list(
+                self.store.record_events_by_keys(
+                    key_hashes=sorted(set(hashes.values())), build=build, now=now
+                )
             )
-            stored = list(rows)
         except (Conflict, InvalidInput):
             # A row the database refused: each event in a transaction of its own.
             stored = self._record_each([o for o in outcomes if isinstance(o, NewEvent)], now)

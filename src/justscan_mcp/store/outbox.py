@@ -164,11 +164,11 @@ class Outbox(Database):
         key_hashes: Sequence[str],
         build: Callable[[Mapping[str, KeyRow]], Sequence[NewEvent]],
         now: datetime,
-    ) -> tuple[list[NewEvent], list[tuple[int, list[int]]]]:
+    ) -> list[tuple[int, list[int]]]:
         """The group commit's transaction: read the API keys with these hashes, let `build` turn
         them into the events to record (it refuses what they may not do), and record those, all
-        in one transaction: one key lookup per batch of requests, not one per request. Returns
-        the events built and, per event, its id and delivery ids.
+        in one transaction: one key lookup per batch of requests, not one per request. Returns,
+        per event built, its id and delivery ids.
 
         Raises:
             StoreUnavailable. Conflict, InvalidInput: as record_events (nothing is recorded).
@@ -211,7 +211,7 @@ class Outbox(Database):
                 for key_hash, kid, team, scopes, revoked, used, prefix in rows
             }
             items = list(build(keys))
-            return items, (self._record_many(cur, items, now, hooks=hooks) if items else [])
+            return self._record_many(cur, items, now, hooks=hooks) if items else []
 
     def _hooks_sql(self, teams: str) -> str:
         """The active webhooks of the teams `teams` (a list of placeholders, or a subquery)."""
