@@ -126,6 +126,22 @@ def own_pg_database(base: str, prefix: str = "justscan_own") -> Iterator[str]:
         admin.dispose()
 
 
+@contextmanager
+def own_database(request: pytest.FixtureRequest, kind: str, folder: Path, prefix: str) -> Iterator[str]:
+    """A migrated database of its own: a SQLite file in `folder`, or (kind "postgres") a
+    PostgreSQL database next to the shared one (`own_pg_database`)."""
+    if kind == "sqlite":
+        url = f"sqlite:///{folder / f'{prefix}.db'}"
+        Store.from_url(url).migrate()
+        yield url
+        return
+    base = request.getfixturevalue("pg_base_url")
+    if base is None:
+        missing("JUSTSCAN_TEST_DATABASE_URL", "set it to run the PostgreSQL half")
+    with own_pg_database(base, prefix) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
 def pg_url(pg_base_url: str | None) -> str:
     """PostgreSQL only, migrated: for tests of what only a network database has (scale-out,

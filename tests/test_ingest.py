@@ -19,13 +19,11 @@ from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import Overloaded
 from justscan_mcp.groupcommit import GroupCommit
-from justscan_mcp.store import Store
 from tests.conftest import (
     TeamKit,
     child_env,
     make_team,
-    missing,
-    own_pg_database,
+    own_database,
     spawn_server,
     stub_resolver,
     wait_for,
@@ -36,15 +34,7 @@ from tests.conftest import (
 def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """This module's own database: its thousands of pending deliveries would otherwise be worked
     through by other modules' dispatchers on the shared test database (and crowd its sweeps)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path_factory.mktemp('ingest') / 'justscan.db'}"
-        Store.from_url(url).migrate()
-        yield url
-        return
-    base = request.getfixturevalue("pg_base_url")
-    if base is None:
-        missing("JUSTSCAN_TEST_DATABASE_URL", "set it to run the PostgreSQL half")
-    with own_pg_database(base, "justscan_ingest") as url:
+    with own_database(request, request.param, tmp_path_factory.mktemp("ingest"), "justscan_ingest") as url:
         yield url
 
 

@@ -24,12 +24,13 @@ from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import Delivery, DeliveryAttempt, Event, Webhook, outcome_class, utcnow
 from justscan_mcp.progress import Progress
-from justscan_mcp.store import AttemptResult, Store
+from justscan_mcp.store import AttemptResult
 from tests.conftest import (
     child_env,
     free_port,
     make_team,
     missing,
+    own_database,
     own_pg_database,
     spawn_server,
     spawn_worker,
@@ -46,15 +47,7 @@ NOW = datetime(2026, 11, 29, 15, 30, tzinfo=UTC)
 @pytest.fixture(params=["sqlite", "postgres"])
 def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A database of this test's own: the operator's figures count across every team."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'obs.db'}"
-        Store.from_url(url).migrate()
-        yield url
-        return
-    base = request.getfixturevalue("pg_base_url")
-    if base is None:
-        missing("JUSTSCAN_TEST_DATABASE_URL", "set it to run the PostgreSQL half")
-    with own_pg_database(base, "justscan_obs") as url:
+    with own_database(request, request.param, tmp_path, "justscan_obs") as url:
         yield url
 
 
