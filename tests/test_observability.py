@@ -207,6 +207,32 @@ def one(samples: dict, name: str) -> float:
     return samples[name][()]
 
 
+def test_mcp_tool_calls_over_http_are_timed_per_tool_and_unknown_names_add_no_series(app: App, http_server):
+    import anyio
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    kit = make_team(app, "timed")
+    count = "justscan_mcp_tool_call_seconds_count"
+    before = by_label(scrape(http_server.base), count, "tool")
+
+    async def calls() -> None:
+        hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kit.rw.key}"}, timeout=30)
+        async with Client(streamable_http_client(f"{http_server.base}/mcp", http_client=hc)) as c:
+            for _ in range(3):
+                assert not (await c.call_tool("list_webhooks", {})).is_error
+            assert (await c.call_tool("no_such_tool_" + "x" * 40, {})).is_error
+
+    anyio.run(calls)
+    after = scrape(http_server.base)
+    counted = by_label(after, count, "tool")
+    assert counted["list_webhooks"] - before.get("list_webhooks", 0) == 3
+    assert counted["unknown"] - before.get("unknown", 0) == 1
+    assert not [k for k in counted if k.startswith("no_such_tool")]
+    assert {dict(k)["le"] for k in after["justscan_mcp_tool_call_seconds_bucket"]} >= {"0.001", "0.002"}
+
+
 @pytest.mark.slow
 def test_metrics_of_a_server_and_a_worker_match_the_delivery_log(fresh_url: str, tmp_path: Path):
     fast = {
@@ -534,7 +560,7 @@ def test_every_series_is_documented_and_the_rules_and_dashboard_use_only_real_on
     finally:
         app.close()
     ours = {n for n in exposed if n.startswith("justscan_")}
-    assert len(ours) == 19, sorted(ours)
+    assert len(ours) == 20, sorted(ours)
     page = (DOCS / "observability.md").read_text()
     undocumented = sorted(n for n in ours if f"`{n}`" not in page)
     assert not undocumented, f"series missing from docs/observability.md: {undocumented}"

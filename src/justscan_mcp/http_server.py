@@ -267,7 +267,7 @@ def build_http_app(
     """The ASGI app of `serve --transport http`."""
     public_url = app.settings.public_url or default_public_url(host, port)
     app.service.oauth_resource = resource_url(public_url)
-    mcp = build_mcp_server(app)
+    mcp = build_mcp_server(app, timed=True)
     security = transport_security(host, port, [*app.settings.allowed_hosts, *allowed_hosts])
     streamable = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
     sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security, host=host)

@@ -43,6 +43,8 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 # minutes behind a backlog.
 FIRST_ATTEMPT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 BATCH_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# A tool call is a database read or two and some JSON: a millisecond or two when well.
+TOOL_CALL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class Metrics:
@@ -121,6 +123,14 @@ class Metrics:
         self.loop_age = Gauge(
             "justscan_dispatcher_loop_age_seconds",
             "Seconds since this process's claim loop last turned (0 without a dispatcher)",
+            registry=registry,
+        )
+        self.tool_calls = Histogram(
+            "justscan_mcp_tool_call_seconds",
+            "Server time of an MCP tools/call, from the request reaching the key gate to its result "
+            "(the transport's JSON framing excluded), by tool",
+            ["tool"],
+            buckets=TOOL_CALL_BUCKETS,
             registry=registry,
         )
         self._database: DatabaseCollector | None = None

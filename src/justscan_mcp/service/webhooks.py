@@ -106,7 +106,7 @@ class WebhookUseCases(UseCases):
             next_cursor = self.cursors.encode(
                 kind="webhooks", team_id=principal.team_id, after_id=last, now=now
             )
-        return WebhookPage(webhooks=[WebhookPublic.model_validate(w) for w in page], next_cursor=next_cursor)
+        return WebhookPage(webhooks=page, next_cursor=next_cursor)
 
     def update_webhook(
         self, *, principal: Caller, webhook_id: int, changes: Mapping[str, Any]

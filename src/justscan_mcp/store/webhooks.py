@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -14,10 +15,15 @@ from justscan_mcp.models import (
     OPEN_STATES,
     Delivery,
     Webhook,
+    WebhookPublic,
 )
 from justscan_mcp.store.db import Database
 
 log = logging.getLogger(__name__)
+
+# What list_webhooks reads: the public model's fields, each a column of the same name.
+_PUBLIC_COLUMNS = tuple(WebhookPublic.model_fields)
+_PUBLIC_TIMES = ("failing_since", "created_at", "updated_at")
 
 
 class WebhookRepository(Database):
@@ -37,18 +43,35 @@ class WebhookRepository(Database):
                 select(Webhook).where(Webhook.id == webhook_id).where(Webhook.team_id == team_id)
             ).first()
 
-    def list_webhooks(self, *, team_id: int, after_id: int, limit: int) -> Sequence[Webhook]:
-        """Up to `limit` webhooks of the team with id > `after_id`, in id order (keyset pagination)."""
-        with self.session() as s:
-            return s.exec(
-                select(Webhook)
-                # A range, not `=`, for the same planner reason as in list_deliveries.
-                .where(col(Webhook.team_id) >= team_id)
-                .where(col(Webhook.team_id) <= team_id)
-                .where(col(Webhook.id) > after_id)
-                .order_by(col(Webhook.team_id), col(Webhook.id))
-                .limit(limit)
-            ).all()
+    def list_webhooks(self, *, team_id: int, after_id: int, limit: int) -> list[WebhookPublic]:
+        """Up to `limit` webhooks of the team with id > `after_id`, in id order (keyset pagination).
+
+        Driver SQL straight into the public model: an assistant lists webhooks on nearly every
+        turn, and the ORM's objects made a page of 51 cost 0.87 ms on SQLite against 0.42 here
+        (1.4 against 1.0 ms on PostgreSQL; bench/run.py's MCP rows).
+
+        Raises:
+            StoreUnavailable.
+        """
+        # A range, not `=`, for the same planner reason as in list_deliveries.
+        sql = (
+            f"SELECT {', '.join(_PUBLIC_COLUMNS)} FROM webhooks "  # noqa: S608 (constants and marks)
+            f"WHERE team_id >= {self._mark} AND team_id <= {self._mark} AND id > {self._mark} "
+            f"ORDER BY team_id, id LIMIT {self._mark}"
+        )
+        with self._driver(write=False) as cur:
+            cur.execute(sql, (team_id, team_id, after_id, limit))
+            rows = cur.fetchall()
+        at = self._dt_result
+        page = []
+        for row in rows:
+            found = dict(zip(_PUBLIC_COLUMNS, row, strict=True))
+            if isinstance(found["events"], str):  # SQLite's JSON is text; psycopg parses it
+                found["events"] = json.loads(found["events"])
+            for name in _PUBLIC_TIMES:
+                found[name] = at(found[name])
+            page.append(WebhookPublic.model_validate(found))
+        return page
 
     def update_webhook(
         self, *, team_id: int, webhook_id: int, now: datetime, **values: Any
