@@ -333,3 +333,41 @@ def test_every_202_survives_a_sigkill_in_the_middle_of_a_stream(db_url: str, tmp
     assert found == len(answered)
     print(f"{len(accepted)} accepted before the SIGKILL; all stored with their {len(answered)} deliveries")
     app.close()
+
+
+def test_the_envelope_is_byte_for_byte_what_json_dumps_made_before_it_was_sped_up():
+    """envelope() writes its JSON with pydantic's serializer (issue 17); receivers keep getting
+    the bytes the stdlib made: the same separators, key order, escapes, floats and non-ASCII."""
+    import json
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from justscan_mcp.events import EXAMPLE_DATA, envelope, validate_emit
+
+    def before(event: str, data, timestamp: datetime) -> bytes:
+        doc = {
+            "event": event,
+            "timestamp": timestamp.isoformat(timespec="seconds"),
+            "data": data.model_dump(mode="json"),
+        }
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+    odd_fields = {
+        "nan": float("nan"),
+        "inf": float("-inf"),
+        "big": 1e16,
+        "tiny": 5e-324,
+        "tenth": 0.1,
+        "int": 2**62,
+        "text": 'quote " backslash \\ slash / tab \t nul-ish \x01 line\u2028sep é 漢 😀',
+        "nested": {"list": [1, "two", None, True, {"deep": 1.5}]},
+    }
+    cases = [
+        (event, dict(data)) for event, data in EXAMPLE_DATA.items() if event not in ("first_scan", "test")
+    ]
+    cases.append(("form_submit", {**EXAMPLE_DATA["form_submit"], "fields": odd_fields}))
+    cases.append(("scan", {"qr_code_id": 1, "scan_id": 2, "device": "Ünïcödé ✓", "utm_source": 'a"b'}))
+    times = [datetime(2026, 11, 30, 0, 0, 1, 999999, tzinfo=UTC), datetime.now(timezone(timedelta(hours=5)))]
+    for event, data in cases:
+        model = validate_emit(event, data)
+        for at in times:
+            assert envelope(event, model, at) == before(event, model, at), (event, data)

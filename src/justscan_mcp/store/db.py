@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -60,6 +61,8 @@ def redact_url(url: str) -> str:
 # A deferred transaction that reads and then writes can fail at once with SQLITE_BUSY_SNAPSHOT
 # (WAL) when another writer committed in between; IMMEDIATE takes the write lock up front and
 # waits for it (busy_timeout) instead.
+# As long as SQLite's own busy_timeout (PRAGMA below): a writer waits no longer in the queue.
+SQLITE_WRITE_WAIT = 30.0
 _sqlite_begin: contextvars.ContextVar[str] = contextvars.ContextVar("sqlite_begin", default="BEGIN")
 
 
@@ -138,6 +141,12 @@ class Database:
         self._dt_bind: Callable[[datetime | None], Any] = bind or (lambda v: v)
         self._dt_result: Callable[[Any], datetime | None] = result or (lambda v: v)
         self._mark = "?" if engine.dialect.name == "sqlite" else "%s"  # the driver's placeholder
+        # SQLite has one writer at a time. This process's write transactions queue on a lock of
+        # its own, so the next one starts the moment the last commits: waiting in SQLite's busy
+        # handler instead sleeps in growing steps (up to 100 ms) and then polls, which cost 4
+        # concurrent 1,000-event batches a fifth of their rate (17.5k events/s against 21.7k for
+        # one client) and a p99 of 1.6 s. Other processes still meet in busy_timeout.
+        self._sqlite_writer = threading.Lock() if engine.dialect.name == "sqlite" else None
         dbapi = engine.dialect.dbapi
         # The driver's own classes, for driver SQL that SQLAlchemy does not wrap.
         self._driver_errors: tuple[type[BaseException], ...] = (
@@ -184,6 +193,11 @@ class Database:
         Raises:
             StoreUnavailable, Conflict, InvalidInput.
         """
+        queued = write and self._sqlite_writer is not None
+        if queued and not self._sqlite_writer.acquire(timeout=SQLITE_WRITE_WAIT):  # type: ignore[union-attr]
+            raise StoreUnavailable(
+                "database unavailable: database is locked (another writer of this process)"
+            )
         mode = _sqlite_begin.set("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield
@@ -205,6 +219,8 @@ class Database:
             raise StoreUnavailable(f"database unavailable: {exc}") from exc
         finally:
             _sqlite_begin.reset(mode)
+            if queued:
+                self._sqlite_writer.release()  # type: ignore[union-attr]
 
     # --- schema -----------------------------------------------------------------------------
 
