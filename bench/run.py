@@ -248,11 +248,15 @@ def dispatcher_rate(tmp: Path, rbase: str, kind: str, workers: int, n: int) -> f
                 p.__exit__(None, None, None)
 
 
+# One dispatcher process against the bare client's limit (issue 17).
+DISPATCH_TARGETS = {"sqlite": 0.6, "postgresql": 0.45}
+
+
 def throughput(tmp: Path, quick: bool) -> None:
     """Each dispatcher run sits between two runs of the bare client, and its ratio is to their
     mean: this machine's loopback rate drifts by a third within minutes (6k to 10k posts/s was
     seen), so one limit measured at the start made the ratios depend on when they ran. The
-    target configuration runs three times and reports the median."""
+    target configurations (one process on each database) run three times and report the median."""
     n = 2000 if quick else 10_000
     with receiver(tmp) as rbase:
         hook = f"{rbase}/hook"
@@ -265,7 +269,8 @@ def throughput(tmp: Path, quick: bool) -> None:
         limits: list[float] = []
         for kind in ("sqlite", "postgresql"):
             for workers in (1, 2):
-                target_row = (kind, workers) == ("sqlite", 1)
+                target = DISPATCH_TARGETS.get(kind) if workers == 1 else None
+                target_row = target is not None
                 runs: list[tuple[float, float]] = []
                 for _ in range(3 if target_row else 1):
                     before = limit()
@@ -284,8 +289,8 @@ def throughput(tmp: Path, quick: bool) -> None:
                 row(
                     name,
                     f"{rate:,.0f} deliveries/s ({ratio:.2f} of limit)",
-                    "≥ 0.35 of the limit" if target_row else "reported",
-                    ratio >= 0.35 if target_row else None,
+                    f"≥ {target} of the limit" if target is not None else "reported",
+                    ratio >= target if target is not None else None,
                     f"{n:,} events, counted at the receiver"
                     + (f"; median of 3 runs (ratios {all_ratios})" if target_row else ""),
                 )
