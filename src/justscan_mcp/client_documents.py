@@ -12,8 +12,6 @@ import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
-
 from justscan_mcp.errors import InvalidInput
 from justscan_mcp.targets import Resolver, checked_addresses
 
@@ -33,6 +31,10 @@ def fetch_client_document(url: str, *, allow_private: bool, resolve: Resolver) -
             answer other than 200, a body over the limit or not a JSON object, a `client_id` in
             it other than `url`, or no redirect URIs.
     """
+    # Imported here: httpx is ~50 ms of every process's start-up (stdio's reply to initialize
+    # included), and only a sign-in by such a client fetches anything.
+    import httpx
+
     try:
         host, port, addresses = checked_addresses(url, allow_private=allow_private, resolve=resolve)
     except InvalidInput as exc:
