@@ -371,3 +371,62 @@ def test_the_envelope_is_byte_for_byte_what_json_dumps_made_before_it_was_sped_u
         model = validate_emit(event, data)
         for at in times:
             assert envelope(event, model, at) == before(event, model, at), (event, data)
+
+
+def test_sqlite_writers_of_one_process_queue_and_a_failed_one_frees_the_queue(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The in-process queue of SQLite write transactions (issue 17): writers from many threads
+    all get through, one that raises lets the next in at once, and one that cannot get in
+    within the wait is StoreUnavailable, not a hang."""
+    from justscan_mcp.errors import StoreUnavailable
+    from justscan_mcp.store import Store
+    from justscan_mcp.store import db as store_db
+
+    store = Store.from_url(f"sqlite:///{tmp_path / 'q.db'}")
+    store.create_schema()
+    try:
+        with pytest.raises(RuntimeError), store.session(write=True):
+            raise RuntimeError("a writer that fails half-way")
+        with store.session(write=True) as s:  # would wait forever if the failure kept the queue
+            s.exec(text("UPDATE teams SET name = name"))
+
+        done: list[int] = []
+
+        def writer(n: int) -> None:
+            for _ in range(20):
+                with store.session(write=True) as s:
+                    s.exec(text("CREATE TABLE IF NOT EXISTS q (n INTEGER)"))
+                    s.exec(text("INSERT INTO q (n) VALUES (:n)").bindparams(n=n))
+            done.append(n)
+
+        threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert sorted(done) == list(range(8))
+        with store.session() as s:
+            assert s.exec(text("SELECT count(*) FROM q")).one()[0] == 160
+
+        monkeypatch.setattr(store_db, "SQLITE_WRITE_WAIT", 0.2)
+        holding, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with store.session(write=True):
+                holding.set()
+                release.wait(10)
+
+        holder = threading.Thread(target=hold)
+        holder.start()
+        assert holding.wait(10)
+        try:
+            with pytest.raises(StoreUnavailable, match="locked"), store.session(write=True):
+                pass
+            with store.session() as s:  # readers do not queue
+                assert s.exec(text("SELECT count(*) FROM q")).one()[0] == 160
+        finally:
+            release.set()
+            holder.join(10)
+    finally:
+        store.close()

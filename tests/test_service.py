@@ -261,3 +261,38 @@ def test_new_team_after_many_is_isolated(app):
         create(t)
     for t in teams:
         assert [w.team_id for w in app.service.list_webhooks(principal=t.principal()).webhooks] == [t.team.id]
+
+
+def test_driver_sql_reads_of_keys_and_webhook_pages_match_the_orm(kit: TeamKit):
+    """list_webhooks and the key reads use driver SQL (issue 17, for MCP latency): what they
+    return must be what the ORM returned, on both databases: aware UTC times, parsed JSON lists,
+    real booleans, every field."""
+    from sqlmodel import Session, select
+
+    from justscan_mcp.models import ApiKey, Webhook, WebhookPublic
+
+    app = kit.app
+    p = kit.principal()
+    made = app.service.create_webhook(
+        principal=p, url=PUBLIC_URL, events=["scan", "form_submit"], description="d"
+    )
+    app.service.update_webhook(principal=p, webhook_id=made.id, changes={"active": False, "rate_limit": 3})
+    app.service.create_webhook(principal=p, url=PUBLIC_URL, events=["scan"])
+    app.service.revoke_api_key(key_id=kit.key(scopes=["webhooks:read"]).id)
+    with Session(app.store.engine) as s:
+        orm_hooks = s.exec(select(Webhook).where(Webhook.team_id == p.team_id).order_by(Webhook.id)).all()
+        expected = [WebhookPublic.model_validate(w) for w in orm_hooks]
+        orm_keys = {
+            k.id: k.model_dump() for k in s.exec(select(ApiKey).where(ApiKey.team_id == p.team_id)).all()
+        }
+    page = app.store.list_webhooks(team_id=p.team_id, after_id=0, limit=100)
+    assert page == expected and len(page) >= 2
+    assert all(w.created_at.utcoffset() == timedelta(0) for w in page)
+    assert page[0].events == ["scan", "form_submit"] and page[0].active is False and page[0].rate_limit == 3
+    for key_id, fields in orm_keys.items():
+        read = app.store.get_api_key(key_id)
+        assert read is not None and read.model_dump() == fields
+        assert app.store.get_api_key_by_hash(fields["key_hash"]).model_dump() == fields
+        assert isinstance(read.mcp_enabled, bool) and isinstance(read.scopes, list)
+    assert any(f["revoked_at"] is not None for f in orm_keys.values())
+    assert app.store.get_api_key(10**9) is None and app.store.get_api_key_by_hash("0" * 64) is None
