@@ -79,6 +79,12 @@ def wait(predicate: Any, timeout: float, what: str) -> Any:
     raise RuntimeError(f"timed out waiting for {what}")
 
 
+def http_serve(port: int) -> list[str]:
+    """`serve --transport http` on `port` without a dispatcher: what the ingest, wake-up and MCP
+    steps measure, with nothing sending beside it."""
+    return [PY, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port), "--no-dispatcher"]
+
+
 def env(db_url: str, **extra: str) -> dict[str, str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("JUSTSCAN_")}
     return base | {"JUSTSCAN_DATABASE_URL": db_url, "JUSTSCAN_ALLOW_PRIVATE_TARGETS": "1"} | extra
@@ -424,17 +430,7 @@ def ingest(tmp: Path, quick: bool) -> None:
             app.close()
             port = free_port()
             with process(
-                [
-                    PY,
-                    "-m",
-                    "justscan_mcp",
-                    "serve",
-                    "--transport",
-                    "http",
-                    "--port",
-                    str(port),
-                    "--no-dispatcher",
-                ],
+                http_serve(port),
                 env(url, JUSTSCAN_LOG_LEVEL="warning"),
                 tmp / f"ingest-{kind}.log",
             ):
@@ -471,17 +467,7 @@ def cross_process_latency(tmp: Path, quick: bool) -> None:
         port = free_port()
         with (
             process(
-                [
-                    PY,
-                    "-m",
-                    "justscan_mcp",
-                    "serve",
-                    "--transport",
-                    "http",
-                    "--port",
-                    str(port),
-                    "--no-dispatcher",
-                ],
+                http_serve(port),
                 env(url),
                 tmp / "wake-server.log",
             ),
@@ -560,7 +546,7 @@ def mcp_latency(tmp: Path, quick: bool) -> None:
 
     port = free_port()
     with process(
-        [PY, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port), "--no-dispatcher"],
+        http_serve(port),
         env(url),
         tmp / "mcp-http.log",
     ):
