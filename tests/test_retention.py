@@ -5,6 +5,7 @@ kept. On both databases, through the store's sweep and the dispatcher's schedule
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 
 import anyio
@@ -15,10 +16,21 @@ from sqlmodel import select
 from justscan_mcp.config import Settings
 from justscan_mcp.errors import ConfigError
 from justscan_mcp.models import DeliveryAttempt, Event, FirstScan, IdempotencyKey, utcnow
-from tests.conftest import TeamKit, make_team
+from tests.conftest import TeamKit, make_team, own_database
 from tests.receiver import Receiver, Reply
 from tests.test_delivery import until
 from tests.test_faults import emit, final, hook, running
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def db_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """This module's own database: a sweep deletes finished deliveries of every team, oldest
+    first and 1,000 at a time, so on the shared database it would delete other modules' rows
+    and, behind more than 1,000 of theirs, miss this test's own."""
+    with own_database(
+        request, request.param, tmp_path_factory.mktemp("retention"), "justscan_retention"
+    ) as url:
+        yield url
 
 
 def count(kit: TeamKit, model, *where) -> int:
