@@ -172,6 +172,20 @@ def setup_team(
     return team, key, ids
 
 
+@contextmanager
+def team_on(kind: str, tmp: Path, hook_url: str) -> Iterator[tuple[str, Any] | None]:
+    """A fresh database of `kind` holding a team with one webhook at `hook_url`: its URL and the
+    team's key, or None when no PostgreSQL is configured."""
+    with database(kind, tmp) as url:
+        if url is None:
+            yield None
+            return
+        app = make_app(url)
+        _team, key, _ids = setup_team(app, hook_url)
+        app.close()
+        yield url, key
+
+
 def record(app: Any, team_id: int, n: int, start: int = 0) -> None:
     with Progress("recording events", n, unit="events", stream=sys.stdout) as shown:
         for i in range(start, start + n):
@@ -336,13 +350,11 @@ def latency(tmp: Path, quick: bool) -> None:
     n = 50 if quick else 300
     with receiver(tmp) as rbase:
         for kind in ("sqlite", "postgresql"):
-            with database(kind, tmp) as url:
-                if url is None:
+            with team_on(kind, tmp, f"{rbase}/hook") as made:
+                if made is None:
                     row(f"latency {kind}", "not run", "-", None, "no PostgreSQL configured")
                     continue
-                app = make_app(url)
-                _team, key, _ids = setup_team(app, f"{rbase}/hook")
-                app.close()
+                url, key = made
                 port = free_port()
                 with process(
                     [PY, "-m", "justscan_mcp", "serve", "--transport", "http", "--port", str(port)],
@@ -421,13 +433,11 @@ def ingest(tmp: Path, quick: bool) -> None:
     n = 2_000 if quick else 20_000
     targets = {"sqlite": 2500, "postgresql": 2000}
     for kind in ("sqlite", "postgresql"):
-        with database(kind, tmp) as url:
-            if url is None:
+        with team_on(kind, tmp, "http://127.0.0.1:9/hook") as made:
+            if made is None:
                 row(f"ingest {kind}", "not run", "-", None, "no PostgreSQL configured")
                 continue
-            app = make_app(url)
-            _team, key, _ids = setup_team(app, "http://127.0.0.1:9/hook")
-            app.close()
+            url, key = made
             port = free_port()
             with process(
                 http_serve(port),
