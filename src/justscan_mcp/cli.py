@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -486,7 +487,11 @@ def cmd_worker(args: argparse.Namespace) -> None:
                 if probes is not None:
                     probes.should_exit = True
 
-    anyio.run(main)
+    # uvloop, as `serve --transport http` has through uvicorn: the worker's event loop carries
+    # every send. One SQLite worker, 20,000 deliveries: 211 µs of CPU a delivery (mean of six
+    # runs, 193 to 235) against 229 (five runs, 208 to 277) on asyncio's own loop; no change seen
+    # on PostgreSQL, where the database waits dominate.
+    anyio.run(main, backend_options={"use_uvloop": importlib.util.find_spec("uvloop") is not None})
 
 
 def _probe_server(app: Any, host: str, port: int) -> Any:
