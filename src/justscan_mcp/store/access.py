@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
@@ -103,11 +102,12 @@ class AccessRepository(Database):
             row = cur.fetchone()
         if row is None:
             return None
-        found = dict(zip(_KEY_COLUMNS, row, strict=True))
-        if isinstance(found["scopes"], str):  # SQLite's JSON is text; psycopg parses it
-            found["scopes"] = json.loads(found["scopes"])
-        for name in ("created_at", "revoked_at", "last_used_at"):
-            found[name] = self._dt_result(found[name])
+        found = self._decoded(
+            _KEY_COLUMNS,
+            row,
+            json_columns=("scopes",),
+            time_columns=("created_at", "revoked_at", "last_used_at"),
+        )
         found["mcp_enabled"] = bool(found["mcp_enabled"])
         return ApiKey(**found)
 

@@ -11,11 +11,12 @@ the hot path's driver SQL, and the clock and placeholder helpers. None of them u
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -359,6 +360,28 @@ class Database:
                 yield cur
             finally:
                 cur.close()
+
+    @staticmethod
+    def _json_result(value: Any) -> Any:
+        """A JSON column read by driver SQL: SQLite's driver gives its text, psycopg parses it."""
+        return json.loads(value) if isinstance(value, str) else value
+
+    def _decoded(
+        self,
+        columns: Sequence[str],
+        row: Sequence[Any],
+        *,
+        json_columns: Sequence[str],
+        time_columns: Sequence[str],
+    ) -> dict[str, Any]:
+        """A driver row as {column: value}, its JSON and UTC time columns converted as the ORM's
+        column types would."""
+        found = dict(zip(columns, row, strict=True))
+        for name in json_columns:
+            found[name] = self._json_result(found[name])
+        for name in time_columns:
+            found[name] = self._dt_result(found[name])
+        return found
 
     # The f-strings in these statements only ever insert placeholders and constants (S608 below).
 

@@ -10,7 +10,6 @@ per-row compile, bind and coercion work was most of a worker's database time.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import sqlite3
@@ -203,7 +202,7 @@ class Outbox(Database):
                 key_hash: KeyRow(
                     id=kid,
                     team_id=team,
-                    scopes=frozenset(json.loads(scopes) if isinstance(scopes, str) else scopes),
+                    scopes=frozenset(self._json_result(scopes)),
                     revoked=revoked is not None,
                     last_used_at=read_dt(used),
                     prefix=prefix,
@@ -221,13 +220,10 @@ class Outbox(Database):
         lock = " FOR SHARE" if self.backend == "postgresql" else ""
         return f"SELECT id, team_id, events FROM webhooks WHERE team_id IN ({teams}) AND active ORDER BY id{lock}"  # noqa: S608
 
-    @staticmethod
-    def _hooks_of(rows: Sequence[Any]) -> dict[int, list[tuple[int, list[str]]]]:
+    def _hooks_of(self, rows: Sequence[Any]) -> dict[int, list[tuple[int, list[str]]]]:
         hooks: dict[int, list[tuple[int, list[str]]]] = {}
         for hook_id, team_id, events in rows:
-            hooks.setdefault(team_id, []).append(
-                (hook_id, json.loads(events) if isinstance(events, str) else events)
-            )
+            hooks.setdefault(team_id, []).append((hook_id, self._json_result(events)))
         return hooks
 
     def _record_many(

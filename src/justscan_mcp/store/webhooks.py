@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime
@@ -62,16 +61,12 @@ class WebhookRepository(Database):
         with self._driver(write=False) as cur:
             cur.execute(sql, (team_id, team_id, after_id, limit))
             rows = cur.fetchall()
-        at = self._dt_result
-        page = []
-        for row in rows:
-            found = dict(zip(_PUBLIC_COLUMNS, row, strict=True))
-            if isinstance(found["events"], str):  # SQLite's JSON is text; psycopg parses it
-                found["events"] = json.loads(found["events"])
-            for name in _PUBLIC_TIMES:
-                found[name] = at(found[name])
-            page.append(WebhookPublic.model_validate(found))
-        return page
+        return [
+            WebhookPublic.model_validate(
+                self._decoded(_PUBLIC_COLUMNS, row, json_columns=("events",), time_columns=_PUBLIC_TIMES)
+            )
+            for row in rows
+        ]
 
     def update_webhook(
         self, *, team_id: int, webhook_id: int, now: datetime, **values: Any
