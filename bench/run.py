@@ -232,6 +232,44 @@ async def bare_limit(hook_url: str, n: int) -> None:
         await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
 
 
+async def bare_http1(hook_url: str, n: int) -> None:
+    """The same posts as `bare_limit` through the dispatcher's own client (`http1.Client`), no
+    database: what is left between it and a dispatcher run is the dispatcher's own cost."""
+    from justscan_mcp.http1 import Client
+    from justscan_mcp.sender import delivery_headers
+
+    body = json.dumps(
+        {
+            "event": "scan",
+            "timestamp": datetime.now(UTC).isoformat(),
+            "data": {"qr_code_id": 1, "scan_id": 1},
+        },
+        separators=(",", ":"),
+    ).encode()
+    secret = "whsec_" + "A" * 43 + "="
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+
+    async def no_lookup(host: str, port: int) -> list[tuple[int, str]]:
+        raise OSError("the bench posts to an IP literal")
+
+    client = Client(resolve=no_lookup, max_connections=CONCURRENCY)
+
+    async def one() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            headers = delivery_headers(
+                signing_secrets=[secret], delivery_id=i, event="scan", body=body, timestamp=int(time.time())
+            )
+            await client.post(hook_url, body, headers, limit=16384)
+
+    try:
+        await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+    finally:
+        await client.close()
+
+
 def measured_rate(base: str, n: int, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     with Progress("deliveries arriving", n, unit="deliveries", stream=sys.stdout) as shown:
@@ -314,6 +352,18 @@ def throughput(tmp: Path, quick: bool) -> None:
                     f"{n:,} events, counted at the receiver"
                     + (f"; median of 3 runs (ratios {all_ratios})" if target_row else ""),
                 )
+        own: list[float] = []
+        for _ in range(2):
+            httpx.post(f"{rbase}/reset")
+            asyncio.run(bare_http1(hook, n))
+            own.append(measured_rate(rbase, n, 120))
+        row(
+            "bare http1 client (the dispatcher's own, 64 in flight, no database)",
+            f"{min(own):,.0f} to {max(own):,.0f} posts/s",
+            "reference",
+            None,
+            "two runs after the dispatcher runs; the receiver, one process, is often the limit here",
+        )
         row(
             "bare aiohttp limit (64 in flight, no database)",
             f"{min(limits):,.0f} to {max(limits):,.0f} posts/s",

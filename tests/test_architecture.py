@@ -58,6 +58,7 @@ RANK = {
     "progress": 2,
     "metrics": 3,
     "signing": 4,
+    "http1": 4,
     "inputs": 4,
     "store": 5,
     "migrations": 4,

@@ -126,7 +126,7 @@ class App:
             await self.wait_until_ready()
             self._ready.set()
             if dispatcher:
-                # Imported in a thread: aiohttp and APScheduler take ~0.2 s to import, and on the
+                # Imported in a thread: the sender and APScheduler take a while to import, and on the
                 # event loop that would delay the MCP client's initialize reply.
                 module = await in_thread(importlib.import_module, "justscan_mcp.dispatcher")
                 dispatcher_ = module.Dispatcher(self.store, self.settings, metrics=self.metrics)

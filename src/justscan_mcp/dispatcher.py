@@ -11,7 +11,7 @@ Shape of one process's dispatcher:
 - the pump claims at most as many deliveries as there are free in-flight slots
   (`JUSTSCAN_MAX_IN_FLIGHT`), so the database lease always covers work that is really running;
 - `JUSTSCAN_MAX_IN_FLIGHT` long-lived sender coroutines take claimed deliveries from a queue and
-  post them (aiohttp; never blocking the MCP server's loop); a task per delivery cost ~20 µs of
+  post them (http1, our keep-alive client; never blocking the MCP server's loop); a task per delivery cost ~20 µs of
   CPU each, a tenth of a delivery's budget. The database calls run in worker threads;
 - one writer batches finished attempts into a single transaction.
 

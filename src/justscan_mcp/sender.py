@@ -1,14 +1,13 @@
 """The HTTP adapter that delivers: one signed POST per attempt, the outcome as data.
 
-Why aiohttp and not httpx here: on this machine (loopback, 50 in flight, counted at the
-receiver) raw aiohttp posts ~5,500/s, httpx over its aiohttp transport ~1,800/s and plain httpx
-0.28 ~120/s, and the delivery rate is bounded by the client. SPEC allows aiohttp on this hot path;
-everything else uses the SDK's clients.
+The POST goes through `http1.Client`, our small keep-alive HTTP/1.1 client: the client bounds the
+delivery rate, and aiohttp's ClientSession cost about three times its CPU per POST (figures in
+http1's docstring and docs/performance.md). Everything else uses the SDK's clients.
 
 The private-address rule is enforced again here, on the addresses the connection will actually
 use: host names go through a resolver that drops non-public addresses (so a DNS answer that changed
-since the webhook was created cannot reach an internal service), and IP literals, which aiohttp
-does not resolve, are checked before connecting, as yarl (aiohttp's URL parser) reads the host.
+since the webhook was created cannot reach an internal service), and IP literals, which are not
+resolved, are checked before connecting, as yarl (the client's URL parser) reads the host.
 Redirects are not followed.
 
 Name lookups run on a small thread pool of their own with a per-lookup time limit: on the event
@@ -25,12 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
-
-import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from justscan_mcp import __version__
+from justscan_mcp.http1 import AnswerError, Client, ConnectFailed, LookupFailed
 from justscan_mcp.models import TIMEOUT_ERROR_PREFIX
 from justscan_mcp.signing import guide_signature, standard_signatures
 from justscan_mcp.targets import client_host, is_public_address, literal_address
@@ -60,7 +56,7 @@ class SendResult:
         return self.status_code is not None and 200 <= self.status_code < 300 and self.error is None
 
 
-class VettingResolver(AbstractResolver):
+class VettingResolver:
     """Resolve with the system, keep only public addresses (unless private targets are allowed).
     Lookups use their own bounded thread pool and time limit."""
 
@@ -69,7 +65,7 @@ class VettingResolver(AbstractResolver):
         self._timeout = timeout
         self._executor = ThreadPoolExecutor(max_workers=DNS_THREADS, thread_name_prefix="justscan-dns")
 
-    async def _lookup(self, host: str, port: int, family: socket.AddressFamily) -> list[ResolveResult]:
+    async def _lookup(self, host: str, port: int, family: socket.AddressFamily) -> list[tuple[int, str]]:
         lookup = partial(socket.getaddrinfo, host, port, family, socket.SOCK_STREAM, 0, socket.AI_ADDRCONFIG)
         try:
             infos = await asyncio.wait_for(
@@ -79,27 +75,26 @@ class VettingResolver(AbstractResolver):
             # The thread finishes on its own; this delivery does not wait for it.
             raise OSError(f"looking up {host} took longer than {self._timeout:g}s") from None
         return [
-            ResolveResult(
-                hostname=host,
-                host=str(address[0]),
-                port=int(address[1]),
-                family=fam,
-                proto=proto,
-                flags=socket.AI_NUMERICHOST | socket.AI_NUMERICSERV,
-            )
-            for fam, _, proto, _, address in infos
+            (int(fam), str(address[0]))
+            for fam, _, _, _, address in infos
             if fam in (socket.AF_INET, socket.AF_INET6)
         ]
 
     async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_UNSPEC
+    ) -> list[tuple[int, str]]:
+        """(family, address) pairs to connect to, in the system's order.
+
+        Raises:
+            PrivateTargetRefused: every address is private while private targets are not allowed.
+            OSError: the lookup failed (socket.gaierror) or took longer than its time limit.
+        """
         results = await self._lookup(host, port, family)
         if self._allow_private:
             return results
-        public = [r for r in results if is_public_address(ipaddress.ip_address(r["host"]))]
+        public = [r for r in results if is_public_address(ipaddress.ip_address(r[1]))]
         if not public:
-            addrs = ", ".join(sorted({r["host"] for r in results}))
+            addrs = ", ".join(sorted({r[1] for r in results}))
             raise PrivateTargetRefused(f"refused: {host} resolves to {addrs}, not a public address")
         return public
 
@@ -128,38 +123,32 @@ def delivery_headers(
 
 
 class Sender:
-    """Posts deliveries over one pooled aiohttp session. Create and close it on the event loop."""
+    """Posts deliveries over one pooled `http1.Client`. Create and close it on the event loop."""
 
     def __init__(self, *, timeout: float, allow_private: bool, max_connections: int = 100) -> None:
         self.timeout = timeout
         self.allow_private = allow_private
         self._max_connections = max_connections
-        self._session: aiohttp.ClientSession | None = None
+        self._client: Client | None = None
+        self._resolver: VettingResolver | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._max_connections,
-            limit_per_host=self._max_connections,
-            resolver=VettingResolver(
-                allow_private=self.allow_private, timeout=min(DNS_TIMEOUT, self.timeout)
-            ),
-            ttl_dns_cache=10,
+        self._resolver = VettingResolver(
+            allow_private=self.allow_private, timeout=min(DNS_TIMEOUT, self.timeout)
         )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            skip_auto_headers=("User-Agent",),
-            auto_decompress=False,
-        )
+        self._client = Client(resolve=self._resolver.resolve, max_connections=self._max_connections)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
 
     def _literal_refusal(self, url: str) -> str | None:
         """A refusal for an IP literal that may not be reached, judged on the host as the client
-        will connect to it (aiohttp skips the resolver, and so its check, for literals)."""
+        will connect to it (literals skip the resolver, and so its check)."""
         if self.allow_private:
             return None
         addr = literal_address(client_host(url))
@@ -169,7 +158,7 @@ class Sender:
 
     async def post(self, url: str, body: bytes, headers: dict[str, str]) -> SendResult:
         """One attempt. Never raises for a receiver's behaviour: failures come back as data."""
-        assert self._session is not None, "Sender.start() first"
+        assert self._client is not None, "Sender.start() first"
         started = time.perf_counter()
 
         def done(
@@ -183,52 +172,30 @@ class Sender:
         if refusal := self._literal_refusal(url):
             return done(error=refusal)
         try:
-            async with self._session.post(url, data=body, headers=headers, allow_redirects=False) as resp:
-                raw = await _read_limited(resp, BODY_LIMIT)
-                text = raw.decode("utf-8", errors="replace")
-                if 300 <= resp.status < 400:
-                    location = resp.headers.get("Location", "")
-                    return done(
-                        resp.status,
-                        text,
-                        f"redirect to {location[:200]!r} not followed".replace("''", "nowhere"),
-                    )
-                if not 200 <= resp.status < 300:
-                    return done(
-                        resp.status,
-                        text,
-                        f"receiver answered HTTP {resp.status}",
-                        resp.headers.get("Retry-After"),
-                    )
-                return done(resp.status, text)
+            async with asyncio.timeout(self.timeout):
+                answer = await self._client.post(url, body, headers, limit=BODY_LIMIT)
         except TimeoutError:
             return done(error=f"{TIMEOUT_ERROR_PREFIX} after {self.timeout:g}s")
-        except aiohttp.ClientConnectorDNSError as exc:
+        except LookupFailed as exc:
             if isinstance(exc.os_error, PrivateTargetRefused):
                 return done(error=str(exc.os_error))
-            if isinstance(exc.os_error, OSError) and not isinstance(exc.os_error, socket.gaierror):
+            if not isinstance(exc.os_error, socket.gaierror):
                 return done(error=f"host lookup failed: {exc.os_error}"[:500])
             return done(error=f"host does not resolve: {exc.host}")
-        except aiohttp.ClientConnectorError as exc:
-            return done(error=f"connection failed: {exc.os_error.strerror or exc.os_error}")
-        except aiohttp.ClientError as exc:
+        except ConnectFailed as exc:
+            return done(error=f"connection failed: {exc.reason}"[:500])
+        except AnswerError as exc:
+            return done(error=str(exc)[:500])
+        except OSError as exc:
             return done(error=f"{type(exc).__name__}: {exc}"[:500])
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            return done(error=f"{type(exc).__name__}: {exc}"[:500])
-
-
-async def _read_limited(resp: Any, limit: int) -> bytes:
-    """Read at most `limit` bytes of the body; the rest is never buffered."""
-    chunks: list[bytes] = []
-    size = 0
-    # at_eof() ends the loop without one more await when the whole body already arrived (the
-    # common case: receivers answer a few bytes).
-    while size < limit and not resp.content.at_eof():
-        chunk = await resp.content.read(limit - size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size += len(chunk)
-    if size >= limit:
-        resp.close()  # do not drain a huge body just to reuse the connection
-    return b"".join(chunks)
+        text = answer.body.decode("utf-8", errors="replace")
+        if 300 <= answer.status < 400:
+            location = answer.location or ""
+            return done(
+                answer.status,
+                text,
+                f"redirect to {location[:200]!r} not followed".replace("''", "nowhere"),
+            )
+        if not 200 <= answer.status < 300:
+            return done(answer.status, text, f"receiver answered HTTP {answer.status}", answer.retry_after)
+        return done(answer.status, text)
