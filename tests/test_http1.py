@@ -9,6 +9,7 @@ import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
+import anyio
 import pytest
 
 from justscan_mcp.sender import BODY_LIMIT, Sender
@@ -313,3 +314,36 @@ async def test_tls_is_verified_against_the_urls_host(tls_files: tuple[str, str])
         finally:
             await client.close()
     assert srv.connections == 1  # both posts on one connection (the refused handshake never got this far)
+
+
+async def test_an_address_that_swallows_the_connect_costs_a_moment_not_the_attempt():
+    """Happy Eyeballs: a name whose first address never completes a connect (here a listener
+    with a full queue, which drops the SYN as a broken route does) still gets its delivery
+    through the next address, well inside the attempt's time."""
+    import socket
+
+    from justscan_mcp.http1 import Client
+
+    async def ok(reader, writer, n):
+        writer.write(answer(200, b"second address"))
+
+    async with RawServer(ok).running() as srv:
+        stuck = socket.socket()
+        stuck.bind(("127.0.0.2", srv.port))
+        stuck.listen(0)
+        filler = socket.create_connection(("127.0.0.2", srv.port))  # the queue's one place
+        try:
+
+            async def resolve(host: str, port: int) -> list[tuple[int, str]]:
+                return [(socket.AF_INET, "127.0.0.2"), (socket.AF_INET, "127.0.0.1")]
+
+            client = Client(resolve=resolve)
+            try:
+                with anyio.fail_after(2):
+                    got = await client.post(f"http://dual.test:{srv.port}/h", b"{}", {}, limit=100)
+            finally:
+                await client.close()
+        finally:
+            filler.close()
+            stuck.close()
+    assert (got.status, got.body) == (200, b"second address")

@@ -19,7 +19,8 @@ What it does:
 - Content-Length, chunked and read-to-close answers; interim 1xx answers are skipped.
 - A body over the limit: the first `limit` bytes are kept and the connection is closed, never
   drained.
-- Addresses come from the caller's `resolve` (where the private-address rule lives); IP literals
+- Addresses come from the caller's `resolve` (where the private-address rule lives), tried with
+  Happy Eyeballs (the next one 0.25 s after the last unless it failed sooner); IP literals
   are connected to as they are. TLS verifies the certificate against the URL's host.
 - Userinfo in the URL is sent as Basic authorization, as aiohttp did.
 
@@ -41,8 +42,10 @@ import os
 import socket
 import ssl
 import time
+from asyncio.staggered import staggered_race
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 
 import httptools
 from yarl import URL
@@ -50,6 +53,7 @@ from yarl import URL
 from justscan_mcp.targets import literal_address
 
 KEEPALIVE = 15.0  # seconds an idle connection is kept (aiohttp's default)
+HAPPY_EYEBALLS_DELAY = 0.25  # seconds before the next address is tried beside the last (RFC 8305)
 TARGET_CACHE = 1024  # parsed URLs kept; a dispatcher sends to a few webhooks' URLs over and over
 
 # resolve(host, port) -> [(family, address)], in the order to try them
@@ -74,7 +78,7 @@ class ConnectFailed(OSError):
 
     @property
     def reason(self) -> str:
-        """"Connection refused", a TLS verification failure, ...: asyncio words a refused
+        """ "Connection refused", a TLS verification failure, ...: asyncio words a refused
         connection as "Connect call failed ('1.2.3.4', 443)", which says nothing."""
         exc = self.os_error
         if isinstance(exc, ssl.SSLError) or not exc.errno:
@@ -117,6 +121,15 @@ def _parse(url: str) -> _Target:
     return _Target(
         (u.scheme, u.raw_host, u.port), u.scheme == "https", u.raw_host, u.port, head.encode("latin-1")
     )
+
+
+def _interleaved(addresses: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """The first family's first address, then the families alternating (RFC 8305, 4)."""
+    groups: dict[int, list[tuple[int, str]]] = {}
+    for pair in addresses:
+        groups.setdefault(pair[0], []).append(pair)
+    lists = list(groups.values())
+    return [g[i] for i in range(max(map(len, lists), default=0)) for g in lists if i < len(g)]
 
 
 class _Connection(asyncio.Protocol):
@@ -316,10 +329,12 @@ class Client:
                 addresses = await self._resolve(target.host, target.port)
             except OSError as exc:
                 raise LookupFailed(target.host, exc) from exc
+        if not addresses:
+            raise ConnectFailed(OSError(f"{target.host} has no address"))
         loop = asyncio.get_running_loop()
-        last: OSError = OSError(f"{target.host} has no address")
-        for family, address in addresses:
-            try:
+
+        def attempt(family: int, address: str) -> Callable[[], Awaitable[_Connection]]:
+            async def connect() -> _Connection:
                 _transport, conn = await loop.create_connection(
                     lambda: _Connection(limit),
                     address,
@@ -329,9 +344,23 @@ class Client:
                     server_hostname=target.host if target.tls else None,
                 )
                 return conn
-            except OSError as exc:
-                last = exc
-        raise ConnectFailed(last) from last
+
+            return connect
+
+        # Happy Eyeballs (RFC 8305), as asyncio's and aiohttp's own connects do: the next address
+        # starts HAPPY_EYEBALLS_DELAY after the last unless that one failed sooner, the families
+        # interleaved, so an address that swallows SYNs (a broken IPv6 route) costs a quarter of
+        # a second, not the whole attempt.
+        winner, _index, errors = await staggered_race(
+            [attempt(f, a) for f, a in _interleaved(addresses)], HAPPY_EYEBALLS_DELAY
+        )
+        if winner is not None:
+            return cast(_Connection, winner)
+        for error in errors:
+            if error is not None and not isinstance(error, OSError):
+                raise error
+        last = next((e for e in reversed(errors) if isinstance(e, OSError)), None)
+        raise ConnectFailed(last or OSError(f"{target.host}: no address answered")) from last
 
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
