@@ -517,6 +517,13 @@ class Outbox(Database):
         )
         taken = claim + TAKEN_OVER
         with self._driver(write=True) as cur:
+            if self.backend == "postgresql":
+                # Only an ordered walk of the partial index is right at every backlog size, but
+                # the planner judges by statistics, and a burst outruns autovacuum's ANALYZE: on
+                # a table analyzed when it was nearly empty it chose a bitmap scan and a sort of
+                # the whole backlog (9.4 ms a claim with 10,000 queued, against 0.1). Without
+                # sorting as an option the walk is the only plan; for this transaction only.
+                cur.execute("SET LOCAL enable_sort = off")
             cur.execute(
                 claim_sql,
                 (claim, taken, float(lease_seconds), dt(now), dt(now), *exclude, *(only or ()), limit),
