@@ -347,3 +347,24 @@ async def test_an_address_that_swallows_the_connect_costs_a_moment_not_the_attem
             filler.close()
             stuck.close()
     assert (got.status, got.body) == (200, b"second address")
+
+
+async def test_bytes_after_a_whole_answer_never_become_the_next_requests_answer():
+    """A receiver out of step sends a second answer after ours on a kept-alive connection, its
+    head split across packets: the rest arrives once the next request is sent. Reused, that
+    connection would hand the stray answer to the next delivery as its own."""
+
+    async def out_of_step(reader, writer, n):
+        if n == 1:
+            writer.write(answer(200, b"a") + b"HTTP/1.1 200 OK\r\nContent-Len")
+        elif srv.connections == 1:
+            writer.write(b"gth: 5\r\n\r\nstray")  # the second request came on the same connection
+        else:
+            writer.write(answer(200, b"b"))
+
+    srv = RawServer(out_of_step)
+    async with srv.running(), sender() as s:
+        first = await s.post(srv.url(), b"{}", {})
+        await asyncio.sleep(0.05)
+        second = await s.post(srv.url(), b"{}", {})
+    assert (first.response_body, second.response_body) == ("a", "b")

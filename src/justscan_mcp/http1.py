@@ -185,6 +185,13 @@ class _Connection(asyncio.Protocol):
 
     # --- httptools callbacks ------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._waiter is None or self._waiter.done():
+            # A second answer after ours, in the same packet: the peer is out of step. Reused,
+            # the connection would hand the rest of it to the next request as its answer.
+            self._reusable = False
+            self.close()
+
     def on_header(self, name: bytes, value: bytes) -> None:
         lowered = name.lower()
         if lowered == b"retry-after":
