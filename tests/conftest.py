@@ -109,8 +109,9 @@ def pg_base_url() -> Iterator[str | None]:
 def own_pg_database(base: str, prefix: str = "justscan_own") -> Iterator[str]:
     """A PostgreSQL database of its own, migrated, dropped after: for tests whose rows would
     crowd the shared test database (thousands of deliveries other modules' dispatchers would
-    then work through) or that count across every team."""
-    admin = create_engine(normalise_url(base), isolation_level="AUTOCOMMIT")
+    then work through) or that count across every team. The drop survives a PostgreSQL restart
+    inside the block (pre-ping replaces the pooled connection the restart killed)."""
+    admin = create_engine(normalise_url(base), isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     name = f"{prefix}_{uuid.uuid4().hex[:8]}"
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
