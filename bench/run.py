@@ -196,10 +196,8 @@ def record(app: Any, team_id: int, n: int, start: int = 0) -> None:
 # --- 1. throughput ----------------------------------------------------------------------------
 
 
-async def bare_limit(hook_url: str, n: int) -> None:
-    """A bare aiohttp client posting signed bodies like the dispatcher's, no database."""
-    import aiohttp
-
+async def _post_signed(n: int, post: Any) -> None:
+    """n signed bodies like the dispatcher's, `post(body, headers)` CONCURRENCY at a time."""
     from justscan_mcp.sender import delivery_headers
 
     body = json.dumps(
@@ -214,58 +212,50 @@ async def bare_limit(hook_url: str, n: int) -> None:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
+
+    async def one() -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            headers = delivery_headers(
+                signing_secrets=[secret],
+                delivery_id=i,
+                event="scan",
+                body=body,
+                timestamp=int(time.time()),
+            )
+            await post(body, headers)
+
+    await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+
+
+async def bare_limit(hook_url: str, n: int) -> None:
+    """A bare aiohttp client posting signed bodies like the dispatcher's, no database."""
+    import aiohttp
+
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=CONCURRENCY)) as session:
 
-        async def one() -> None:
-            while not queue.empty():
-                i = queue.get_nowait()
-                headers = delivery_headers(
-                    signing_secrets=[secret],
-                    delivery_id=i,
-                    event="scan",
-                    body=body,
-                    timestamp=int(time.time()),
-                )
-                async with session.post(hook_url, data=body, headers=headers) as resp:
-                    await resp.read()
+        async def post(body: bytes, headers: dict[str, str]) -> None:
+            async with session.post(hook_url, data=body, headers=headers) as resp:
+                await resp.read()
 
-        await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+        await _post_signed(n, post)
 
 
 async def bare_http1(hook_url: str, n: int) -> None:
     """The same posts as `bare_limit` through the dispatcher's own client (`http1.Client`), no
     database: what is left between it and a dispatcher run is the dispatcher's own cost."""
     from justscan_mcp.http1 import Client
-    from justscan_mcp.sender import delivery_headers
-
-    body = json.dumps(
-        {
-            "event": "scan",
-            "timestamp": datetime.now(UTC).isoformat(),
-            "data": {"qr_code_id": 1, "scan_id": 1},
-        },
-        separators=(",", ":"),
-    ).encode()
-    secret = "whsec_" + "A" * 43 + "="
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
 
     async def no_lookup(host: str, port: int) -> list[tuple[int, str]]:
         raise OSError("the bench posts to an IP literal")
 
     client = Client(resolve=no_lookup, max_connections=CONCURRENCY)
 
-    async def one() -> None:
-        while not queue.empty():
-            i = queue.get_nowait()
-            headers = delivery_headers(
-                signing_secrets=[secret], delivery_id=i, event="scan", body=body, timestamp=int(time.time())
-            )
-            await client.post(hook_url, body, headers, limit=16384)
+    async def post(body: bytes, headers: dict[str, str]) -> None:
+        await client.post(hook_url, body, headers, limit=16384)
 
     try:
-        await asyncio.gather(*(one() for _ in range(CONCURRENCY)))
+        await _post_signed(n, post)
     finally:
         await client.close()
 
