@@ -229,9 +229,11 @@ class _Connection(asyncio.Protocol):
         self._reset()
         self._reusable = False
         self._waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(head + body if len(body) < 4096 else head)
-        if len(body) >= 4096:
-            self.transport.write(body)
+        # One write of a small request; a large body is not copied into a joined buffer.
+        if len(body) < 4096:
+            self.transport.write(head + body)
+        else:
+            self.transport.writelines((head, body))
         return self._waiter
 
     @property
@@ -391,9 +393,11 @@ class Client:
         no more deliveries would otherwise hold its sockets until the peer closes them)."""
         self._last_sweep = now
         for key, idle in list(self._idle.items()):
-            kept = [c for c in idle if c.usable and now - c.idle_since < self._keepalive]
+            kept = []
             for conn in idle:
-                if conn not in kept:
+                if conn.usable and now - conn.idle_since < self._keepalive:
+                    kept.append(conn)
+                else:
                     conn.close()
             if kept:
                 self._idle[key] = kept
