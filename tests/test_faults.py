@@ -13,12 +13,14 @@ from datetime import timedelta
 
 import anyio
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import create_engine, event, text, update
+from sqlmodel import Session, col
 
 from justscan_mcp.app import App
 from justscan_mcp.dispatcher import Dispatcher
 from justscan_mcp.errors import StoreUnavailable
-from justscan_mcp.models import Webhook, utcnow
+from justscan_mcp.models import Delivery, DeliveryAttempt, Webhook, utcnow
+from justscan_mcp.store.db import normalise_url
 from tests.conftest import TeamKit, make_team
 from tests.receiver import BlackHole, Receiver, Reply
 from tests.test_delivery import fast_settings, until
@@ -398,6 +400,93 @@ def test_events_racing_deletes_and_deactivations_leave_no_error_and_no_zombie(ap
                 {"t": kit.team.id},
             ).scalar()
         assert zombies == 0, f"round {round_}: {zombies} open deliveries to inactive webhooks"
+
+
+class _SpiedCursor:
+    """A driver cursor that runs `before(statement)` ahead of each statement: driver SQL
+    bypasses SQLAlchemy's cursor events."""
+
+    def __init__(self, cur, before) -> None:
+        self._cur, self._before = cur, before
+
+    def execute(self, statement, *args):
+        self._before(statement)
+        return self._cur.execute(statement, *args)
+
+    def __getattr__(self, name: str):
+        return getattr(self._cur, name)
+
+
+@pytest.mark.parametrize("reader", ["get_delivery", "list_deliveries", "last_deliveries", "webhook_stats"])
+def test_a_delivery_and_its_attempts_are_read_at_one_moment(app: App, db_url: str, reader: str, monkeypatch):
+    """PostgreSQL read the delivery rows and their attempts in two statements, each at its own
+    moment (READ COMMITTED): a result saved in between came back as a delivery still leased with
+    attempt_count 0 beside the attempt that ended it (CI of ab6b76c), and statistics counted a
+    delivery as pending beside the attempt that made it succeed. Here another connection saves
+    an attempt exactly between the two reads."""
+    kit = make_team(app, f"one-moment-{reader}")
+    w = hook(kit, "https://93.184.216.34/moment")
+    (did,) = emit(app, kit)
+    other = create_engine(normalise_url(db_url))
+    armed = [True]
+
+    def save_between(statement: str) -> None:
+        if armed[0] and "FROM delivery_attempts" in statement:
+            armed[0] = False
+            with Session(other) as s:
+                s.execute(
+                    update(Delivery)
+                    .where(col(Delivery.id) == did)
+                    .values(state="succeeded", attempt_count=1, next_attempt_at=None)
+                )
+                s.add(
+                    DeliveryAttempt(
+                        delivery_id=did,
+                        webhook_id=w.id,
+                        number=1,
+                        started_at=utcnow(),
+                        duration_ms=5,
+                        status_code=200,
+                        outcome="2xx",
+                    )
+                )
+                s.commit()
+
+    def orm_hook(conn, cursor, statement, parameters, context, executemany) -> None:
+        save_between(statement)
+
+    real_driver = app.store._driver
+
+    @contextlib.contextmanager
+    def spied_driver(**kwargs):
+        with real_driver(**kwargs) as cur:
+            yield _SpiedCursor(cur, save_between)
+
+    monkeypatch.setattr(app.store, "_driver", spied_driver)
+    event.listen(app.store.engine, "before_cursor_execute", orm_hook)
+    try:
+        if reader == "get_delivery":
+            found = app.store.get_delivery(team_id=kit.team.id, delivery_id=did)
+            assert found is not None
+            d, attempts = found
+        elif reader == "list_deliveries":
+            ((d, attempts),) = app.store.list_deliveries(webhook_id=w.id, before_id=None, limit=10)
+        elif reader == "last_deliveries":
+            d, last = app.store.last_deliveries([w.id])[w.id]
+            attempts = [last] if last is not None else []
+        else:
+            stats = app.store.webhook_stats(webhook_id=w.id, since=utcnow() - timedelta(hours=1))
+    finally:
+        event.remove(app.store.engine, "before_cursor_execute", orm_hook)
+        other.dispose()
+    assert not armed[0], "the save between the two reads did not happen"
+    if reader == "webhook_stats":
+        tried = sum(n for _, _, n, _ in stats.attempts)
+        assert [(state, n) for state, _, n in stats.deliveries] == [("succeeded" if tried else "pending", 1)]
+        assert (stats.p50 is None) == (tried == 0)
+        return
+    assert (d.state, d.attempt_count) == (("succeeded", 1) if attempts else ("pending", 0))
+    assert [a.number for a in attempts] == list(range(1, d.attempt_count + 1))
 
 
 def test_concurrent_rotations_keep_both_new_secrets(app: App):

@@ -184,6 +184,25 @@ class Database:
             session.commit()
 
     @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only session whose statements all see one moment, for a read in several
+        statements (a delivery, then its attempts). SQLite's deferred BEGIN already pins one WAL
+        snapshot at the first read; PostgreSQL's default READ COMMITTED gives every statement its
+        own, so a result saved between the two reads came back as a leased delivery with
+        attempt_count 0 beside the attempt that ended it. REPEATABLE READ fixes the moment at the
+        first statement, and a transaction that only reads never fails on serialization there.
+
+        Raises:
+            StoreUnavailable: when the database cannot be reached.
+        """
+        with self._transaction(write=False), Session(self.engine, expire_on_commit=False) as session:
+            if self.backend == "postgresql":
+                # Must come before the first statement; the pool resets it on the way back.
+                session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+            yield session
+            session.commit()
+
+    @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[None]:
         """What every transaction shares, ORM or driver SQL: the SQLite BEGIN mode, and the
         translation of driver errors into the error tree. Database outages (wrapped by SQLAlchemy
@@ -348,18 +367,22 @@ class Database:
             return row.value
 
     @contextmanager
-    def _driver(self, *, write: bool) -> Iterator[Any]:
-        """A DBAPI cursor in one transaction, committed on clean exit.
+    def _driver(self, *, write: bool, snapshot: bool = False) -> Iterator[Any]:
+        """A DBAPI cursor in one transaction, committed on clean exit. `snapshot=True` for a
+        read in several statements that must see one moment (see `snapshot`).
 
         Raises:
             StoreUnavailable: when the database cannot be reached.
         """
-        with self._transaction(write=write), self.engine.begin() as conn:
-            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-            try:
-                yield cur
-            finally:
-                cur.close()
+        with self._transaction(write=write), self.engine.connect() as conn:
+            if snapshot and self.backend == "postgresql":
+                conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    yield cur
+                finally:
+                    cur.close()
 
     @staticmethod
     def _json_result(value: Any) -> Any:
