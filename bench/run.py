@@ -960,7 +960,11 @@ def main() -> int:
     parser.add_argument(
         "--only", help="comma-separated: throughput,latency,ingest,wake,mcp,cold,memory,biglog,stats"
     )
-    parser.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    parser.add_argument(
+        "--out",
+        help="where the table goes: docs/performance.md for a full run; a partial run (--only) "
+        "writes a file only when given one, so its few rows never replace the whole table",
+    )
     args = parser.parse_args()
     chosen = set((args.only or "throughput,latency,ingest,wake,mcp,cold,memory,biglog,stats").split(","))
     steps = [
@@ -979,7 +983,11 @@ def main() -> int:
             if name in chosen:
                 print(f"== {name}", flush=True)
                 step(Path(tmp), args.quick)
-    write_report(Path(args.out), args.quick)
+    out = args.out or (None if args.only else str(ROOT / "docs" / "performance.md"))
+    if out is None:
+        print("(--only without --out: the rows above were not written to a file)")
+    else:
+        write_report(Path(out), args.quick)
     return 0
 
 
