@@ -717,34 +717,60 @@ class Outbox(Database):
             if not mine:
                 return []
             stamp = dt(now)
-            cur.executemany(
-                f"UPDATE deliveries SET state = {m}, attempt_count = {m}, next_attempt_at = {m},"  # noqa: S608
-                f" lease_owner = NULL, lease_expires_at = NULL, updated_at = {m}, note = COALESCE({m}, note)"
-                f" WHERE id = {m}",
-                [(r.state, r.number, dt(r.next_attempt_at), stamp, r.note, r.delivery_id) for r in mine],
-            )
-            cur.executemany(
-                "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"  # noqa: S608
-                " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
-                f" VALUES ({self._marks(12)})",
-                [
+            attempts = [
+                (
+                    r.delivery_id,
+                    hook_of[r.delivery_id],
+                    outcome_class(r.status_code, r.error),
+                    r.number,
+                    dt(r.started_at),
+                    r.duration_ms,
+                    r.status_code,
+                    storable_text(r.response_body),
+                    storable_text(r.error),
+                    dt(r.next_attempt_at),
+                    None if r.retry_after is None else math.ceil(r.retry_after),
+                )
+                for r in mine
+            ]
+            if self.backend == "postgresql":
+                # One statement over arrays for each table, as recording does: executemany sent
+                # a statement per row, and psycopg's per-row work was a sixth of a worker's GIL.
+                cur.execute(
+                    "UPDATE deliveries AS d SET state = r.s, attempt_count = r.n, next_attempt_at = r.a,"
+                    " lease_owner = NULL, lease_expires_at = NULL, updated_at = %s, note = COALESCE(r.o, d.note)"
+                    " FROM unnest(%b::bigint[], %b::text[], %b::int[], %b::timestamptz[], %b::text[])"
+                    " AS r(i, s, n, a, o) WHERE d.id = r.i",
                     (
-                        r.delivery_id,
-                        hook_of[r.delivery_id],
-                        outcome_class(r.status_code, r.error),
-                        r.number,
-                        worker,
-                        dt(r.started_at),
-                        r.duration_ms,
-                        r.status_code,
-                        storable_text(r.response_body),
-                        storable_text(r.error),
-                        dt(r.next_attempt_at),
-                        None if r.retry_after is None else math.ceil(r.retry_after),
-                    )
-                    for r in mine
-                ],
-            )
+                        stamp,
+                        [r.delivery_id for r in mine],
+                        [r.state for r in mine],
+                        [r.number for r in mine],
+                        [dt(r.next_attempt_at) for r in mine],
+                        [r.note for r in mine],
+                    ),
+                )
+                cur.execute(
+                    "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"
+                    " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
+                    " SELECT i, w, o, n, %s, t, ms, sc, rb, e, nr, ra FROM unnest(%b::bigint[], %b::bigint[],"
+                    " %b::text[], %b::int[], %b::timestamptz[], %b::int[], %b::int[], %b::text[], %b::text[],"
+                    " %b::timestamptz[], %b::bigint[]) AS r(i, w, o, n, t, ms, sc, rb, e, nr, ra)",
+                    (worker, *([a[k] for a in attempts] for k in range(11))),
+                )
+            else:
+                cur.executemany(
+                    f"UPDATE deliveries SET state = {m}, attempt_count = {m}, next_attempt_at = {m},"  # noqa: S608
+                    f" lease_owner = NULL, lease_expires_at = NULL, updated_at = {m}, note = COALESCE({m}, note)"
+                    f" WHERE id = {m}",
+                    [(r.state, r.number, dt(r.next_attempt_at), stamp, r.note, r.delivery_id) for r in mine],
+                )
+                cur.executemany(
+                    "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"  # noqa: S608
+                    " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
+                    f" VALUES ({self._marks(12)})",
+                    [(*a[:4], worker, *a[4:]) for a in attempts],
+                )
             changes = self._streak_changes(cur, [r for r in mine if r.delivery_id not in cancelled], stamp)
             applied = [r.delivery_id for r in mine]
         # The streaks in a transaction of their own, after the deliveries' locks are released:
