@@ -172,32 +172,23 @@ class Database:
     # --- plumbing ---------------------------------------------------------------------------
 
     @contextmanager
-    def session(self, *, write: bool = False) -> Iterator[Session]:
+    def session(self, *, write: bool = False, snapshot: bool = False) -> Iterator[Session]:
         """A session whose commit happens on clean exit. `write=True` for a transaction that
         reads and then writes (SQLite takes the write lock at BEGIN).
+
+        `snapshot=True` for a read in several statements that must see one moment (a delivery,
+        then its attempts). SQLite's deferred BEGIN already pins one WAL snapshot at the first
+        read; PostgreSQL's default READ COMMITTED gives every statement its own, so a result saved
+        between the two reads came back as a leased delivery with attempt_count 0 beside the
+        attempt that ended it. REPEATABLE READ fixes the moment at the first statement, and a
+        transaction that only reads never fails on serialization there.
 
         Raises:
             StoreUnavailable: when the database cannot be reached.
         """
         with self._transaction(write=write), Session(self.engine, expire_on_commit=False) as session:
-            yield session
-            session.commit()
-
-    @contextmanager
-    def snapshot(self) -> Iterator[Session]:
-        """A read-only session whose statements all see one moment, for a read in several
-        statements (a delivery, then its attempts). SQLite's deferred BEGIN already pins one WAL
-        snapshot at the first read; PostgreSQL's default READ COMMITTED gives every statement its
-        own, so a result saved between the two reads came back as a leased delivery with
-        attempt_count 0 beside the attempt that ended it. REPEATABLE READ fixes the moment at the
-        first statement, and a transaction that only reads never fails on serialization there.
-
-        Raises:
-            StoreUnavailable: when the database cannot be reached.
-        """
-        with self._transaction(write=False), Session(self.engine, expire_on_commit=False) as session:
-            if self.backend == "postgresql":
-                # Must come before the first statement; the pool resets it on the way back.
+            if snapshot and self.backend == "postgresql":
+                # Before the first statement; the pool resets it when the connection goes back.
                 session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
             yield session
             session.commit()
@@ -369,7 +360,7 @@ class Database:
     @contextmanager
     def _driver(self, *, write: bool, snapshot: bool = False) -> Iterator[Any]:
         """A DBAPI cursor in one transaction, committed on clean exit. `snapshot=True` for a
-        read in several statements that must see one moment (see `snapshot`).
+        read in several statements that must see one moment (see `session`).
 
         Raises:
             StoreUnavailable: when the database cannot be reached.

@@ -53,7 +53,7 @@ class DeliveryLog(Database):
     def get_delivery(
         self, *, team_id: int, delivery_id: int
     ) -> tuple[Delivery, list[DeliveryAttempt]] | None:
-        with self.snapshot() as s:
+        with self.session(snapshot=True) as s:
             d = s.exec(
                 select(Delivery).where(Delivery.id == delivery_id).where(Delivery.team_id == team_id)
             ).first()
@@ -76,7 +76,7 @@ class DeliveryLog(Database):
         event: str | None = None,
     ) -> list[tuple[Delivery, list[DeliveryAttempt]]]:
         """A webhook's deliveries, newest first (keyset on id), each with its attempts."""
-        with self.snapshot() as s:
+        with self.session(snapshot=True) as s:
             # The webhook filter is written as a range on purpose. With `webhook_id = X`, PostgreSQL
             # treats webhook_id as a constant, and ORDER BY id may then walk the primary key
             # backwards and filter, scanning every newer row of other webhooks first (~50 ms at 1M
@@ -114,7 +114,7 @@ class DeliveryLog(Database):
         descent of (webhook_id, id)."""
         if not webhook_ids:
             return {}
-        with self.snapshot() as s:
+        with self.session(snapshot=True) as s:
             # A correlated subquery per listed webhook, on both backends. The webhook filter is a
             # range for the planner reason given in list_deliveries.
             inner = Delivery.__table__.alias("newest")  # type: ignore[attr-defined]
@@ -145,7 +145,7 @@ class DeliveryLog(Database):
         """Operator view: failed and retrying deliveries of every team, newest first (keyset on
         id, below `before_id`), each with its latest attempt and its webhook's URL. The walk
         follows the partial index `ix_deliveries_failing`; two queries for the page."""
-        with self.snapshot() as s:
+        with self.session(snapshot=True) as s:
             q = (
                 select(Delivery, Webhook.url)
                 .join(Webhook, col(Webhook.id) == col(Delivery.webhook_id))
