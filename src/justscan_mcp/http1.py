@@ -371,12 +371,16 @@ class Client:
         last = next((e for e in reversed(errors) if isinstance(e, OSError)), None)
         raise ConnectFailed(last or OSError(f"{target.host}: no address answered")) from last
 
+    def _fresh(self, conn: _Connection, now: float) -> bool:
+        """Open and idle for less than keep-alive: worth reusing."""
+        return conn.usable and now - conn.idle_since < self._keepalive
+
     def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)
         now = time.monotonic()
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to have been closed
-            if conn.usable and now - conn.idle_since < self._keepalive:
+            if self._fresh(conn, now):
                 return conn
             conn.close()
         return None
@@ -395,7 +399,7 @@ class Client:
         for key, idle in list(self._idle.items()):
             kept = []
             for conn in idle:
-                if conn.usable and now - conn.idle_since < self._keepalive:
+                if self._fresh(conn, now):
                     kept.append(conn)
                 else:
                     conn.close()
