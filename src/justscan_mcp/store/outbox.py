@@ -756,7 +756,7 @@ class Outbox(Database):
                     " SELECT i, w, o, n, %s, t, ms, sc, rb, e, nr, ra FROM unnest(%b::bigint[], %b::bigint[],"
                     " %b::text[], %b::int[], %b::timestamptz[], %b::int[], %b::int[], %b::text[], %b::text[],"
                     " %b::timestamptz[], %b::bigint[]) AS r(i, w, o, n, t, ms, sc, rb, e, nr, ra)",
-                    (worker, *([a[k] for a in attempts] for k in range(11))),
+                    (worker, *(list(column) for column in zip(*attempts, strict=True))),
                 )
             else:
                 cur.executemany(
