@@ -436,9 +436,7 @@ def test_the_claim_walks_the_open_index_in_order_even_before_statistics_catch_up
             finally:
                 psycopg.Cursor.execute = real  # type: ignore[method-assign]
             assert len(claims) == 16
-            update = next(
-                i for i, (q, _) in enumerate(sent) if q.startswith("UPDATE deliveries SET lease_owner")
-            )
+            update = next(i for i, (q, _) in enumerate(sent) if "UPDATE deliveries SET lease_owner" in q)
             with psycopg.connect(dsn) as conn:
                 for query, params in sent[:update]:
                     conn.execute(query, params)  # what the claim sets up in its transaction

@@ -723,3 +723,60 @@ def test_claim_plans_respect_every_cap_and_avoid_trickling(tmp_path):
     d._slow_open = 5
     assert d._plan(20) == ([3], 12, [3], 3)
     store.close()
+
+
+def test_a_pooled_connection_the_server_dropped_is_replaced_and_a_busy_one_is_not_pinged(
+    pg_base_url, monkeypatch
+):
+    """The pool pings a connection only when it sat idle (store.db.PING_AFTER_IDLE): a ping
+    before every transaction was a round trip in three of the dispatcher's claim. A connection the
+    server dropped while it idled is replaced before use, and every connection pooled before it
+    goes too; one dropped between two uses within the window fails that one transaction
+    (StoreUnavailable, which callers retry) and the next starts over on a new connection."""
+    import psycopg
+
+    from justscan_mcp.store import db as store_db
+    from tests.conftest import missing, own_pg_database
+
+    if pg_base_url is None:
+        missing("JUSTSCAN_TEST_DATABASE_URL", "this test runs on PostgreSQL; set it")
+    with own_pg_database(pg_base_url, "justscan_ping") as url:
+        dsn = normalise_url(url).replace("postgresql+psycopg://", "postgresql://")
+        app = App.build(settings(url))
+        app.prepare()
+        try:
+            kit = make_team(app, "ping")
+            principal = kit.principal()
+            pings: list[object] = []
+            dialect = app.store.engine.dialect
+            real_ping = dialect.do_ping
+            monkeypatch.setattr(dialect, "do_ping", lambda conn: pings.append(conn) or real_ping(conn))
+
+            def read() -> None:
+                app.service.list_webhooks(principal=principal)
+
+            def drop_our_connections() -> None:
+                with psycopg.connect(dsn, autocommit=True) as admin:
+                    dropped = admin.execute(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    ).fetchone()
+                assert dropped is not None and dropped[0] >= 1
+
+            monkeypatch.setattr(store_db, "PING_AFTER_IDLE", 3600.0)
+            for _ in range(20):
+                read()
+            assert pings == []  # in use a moment ago: no round trip before the transaction
+
+            drop_our_connections()
+            with pytest.raises(StoreUnavailable):
+                read()  # within the window: the statement meets the dead connection
+            read()  # and the pool started over
+            assert pings == []
+
+            drop_our_connections()
+            monkeypatch.setattr(store_db, "PING_AFTER_IDLE", 0.0)
+            read()  # idle past the window: pinged, found dead, replaced before use
+            assert pings
+        finally:
+            app.close()

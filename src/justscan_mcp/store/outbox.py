@@ -13,9 +13,10 @@ import contextlib
 import logging
 import math
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -315,9 +316,20 @@ class Outbox(Database):
             out[n][1].append(did)
         return out
 
-    def _pipeline(self, cur: Any) -> Any:
-        """PostgreSQL: the statements of the block in one round trip; elsewhere nothing."""
-        return cur.connection.pipeline() if self.backend == "postgresql" else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _pipeline(self, cur: Any, *, commit: bool = False) -> Iterator[None]:
+        """PostgreSQL: the statements of the block in one round trip; elsewhere nothing.
+
+        `commit=True` sends the transaction's COMMIT in the same round trip, for a block that
+        ends the transaction (`_driver`'s own commit then finds nothing left to do). Results
+        read after the block were committed."""
+        if self.backend != "postgresql":
+            yield
+            return
+        with cur.connection.pipeline():
+            yield
+            if commit:
+                cur.connection.commit()
 
     def _new_ids(self, cur: Any, events: int, deliveries: int) -> tuple[list[int], list[int]]:
         """PostgreSQL: ids for that many events and deliveries from the tables' sequences in one
@@ -500,47 +512,80 @@ class Outbox(Database):
             which += f" AND d.webhook_id NOT IN ({self._marks(len(exclude))})"
         if only is not None:
             which += f" AND d.webhook_id IN ({self._marks(len(only))})"
-        # A row whose lease expired under another claim gets the token with TAKEN_OVER appended:
-        # the claim reads back which rows it took over from a dead or stalled worker (for the
-        # log and /metrics) without a second statement, and that row's result is saved under
-        # the marked token like any other.
-        claim_sql = (
-            f"UPDATE deliveries SET lease_owner = CASE WHEN lease_owner IS NULL THEN {m} ELSE {m} END,"  # noqa: S608
-            f" lease_expires_at = {self._db_now(m)}"
-            " WHERE id IN ("
-            " SELECT d.id FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+        # The columns a send needs, read in the claim's own transaction.
+        returned = "id, webhook_id, event, is_test, attempt_count, event_id, team_id, created_at, lease_owner"
+        wanted = (
+            "{d}.id, {d}.webhook_id, {d}.event, {d}.is_test, {d}.attempt_count, w.url, w.secret,"
+            " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit, {d}.team_id,"
+            " {d}.created_at, {d}.lease_owner"
+        )
+        pick = (
+            "SELECT d.id FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"  # noqa: S608
             f" WHERE (w.active OR d.is_test) AND d.{OPEN_STATES_SQL} AND d.next_attempt_at <= {m}"
             f" AND (w.rate_open_at IS NULL OR w.rate_open_at <= {m} OR d.is_test)"
             f" AND (d.lease_expires_at IS NULL OR d.lease_expires_at < {self._db_now()}){which}"
             f" ORDER BY d.next_attempt_at, d.id LIMIT {m}{lock}"
-            ") RETURNING id, lease_owner"
         )
-        taken = claim + TAKEN_OVER
+        # A row whose lease expired under another claim gets the token with TAKEN_OVER appended:
+        # the claim reads back which rows it took over from a dead or stalled worker (for the
+        # log and /metrics) without a second statement, and that row's result is saved under
+        # the marked token like any other.
+        lease = (
+            f"UPDATE deliveries SET lease_owner = CASE WHEN lease_owner IS NULL THEN {m} ELSE {m} END,"  # noqa: S608
+            f" lease_expires_at = {self._db_now(m)} WHERE id IN ({pick})"
+        )
+        params = (
+            claim,
+            claim + TAKEN_OVER,
+            float(lease_seconds),
+            dt(now),
+            dt(now),
+            *exclude,
+            *(only or ()),
+            limit,
+        )
         with self._driver(write=True) as cur:
             if self.backend == "postgresql":
-                # Only an ordered walk of the partial index is right at every backlog size, but
-                # the planner judges by statistics, and a burst outruns autovacuum's ANALYZE: on
-                # a table analyzed when it was nearly empty it chose a bitmap scan and a sort of
-                # the whole backlog (9.4 ms a claim with 10,000 queued, against 0.1). Without
-                # sorting as an option the walk is the only plan; for this transaction only.
-                cur.execute("SET LOCAL enable_sort = off")
-            cur.execute(
-                claim_sql,
-                (claim, taken, float(lease_seconds), dt(now), dt(now), *exclude, *(only or ()), limit),
-            )
-            owners = dict(cur.fetchall())
-            if not owners:
-                return Claims([])
-            ids = list(owners)
-            cur.execute(
-                "SELECT d.id, d.webhook_id, d.event, d.is_test, d.attempt_count, w.url, w.secret,"  # noqa: S608
-                " w.previous_secret, w.previous_secret_expires_at, e.payload, w.rate_limit, d.team_id, d.created_at"
-                " FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
-                f" JOIN events e ON e.id = d.event_id WHERE d.id IN ({self._marks(len(ids))})"
-                " ORDER BY d.id",
-                ids,
-            )
-            rows = cur.fetchall()
+                # One round trip: the settings, the lease with the rows' send columns in one
+                # statement (a CTE), and the commit, sent as a pipeline. Under load each round trip
+                # waits for a CPU beside the sends and the receiver, and the claim's six (with the
+                # pool's ping) kept a dozen sends in flight of the 48 a webhook may have.
+                with self._pipeline(cur, commit=True):
+                    # Only an ordered walk of the partial index is right at every backlog size,
+                    # but the planner judges by statistics, and a burst outruns autovacuum's
+                    # ANALYZE: on a table analyzed when it was nearly empty it chose a bitmap scan
+                    # and a sort of the whole backlog (9.4 ms a claim with 10,000 queued, against
+                    # 0.1). Without sorting as an option the walk is the only plan.
+                    cur.execute("SET LOCAL enable_sort = off")
+                    # A lease needs no flush to disk before the sends start: a claim lost with a
+                    # database crash leaves its rows unleased, to be claimed and sent again (at
+                    # least once, same delivery id), and the result's save, which does wait for
+                    # the disk, flushes the claim with it.
+                    cur.execute("SET LOCAL synchronous_commit = off")
+                    cur.execute(
+                        f"WITH c AS ({lease} RETURNING {returned})"  # noqa: S608
+                        f" SELECT {wanted.format(d='c')} FROM c JOIN webhooks w ON w.id = c.webhook_id"
+                        " JOIN events e ON e.id = c.event_id",
+                        params,
+                    )
+                rows = cur.fetchall()
+            else:
+                cur.execute(f"{lease} RETURNING id", params)
+                ids = [row[0] for row in cur.fetchall()]
+                if not ids:
+                    return Claims([])
+                cur.execute(
+                    f"SELECT {wanted.format(d='d')} FROM deliveries d"  # noqa: S608
+                    " JOIN webhooks w ON w.id = d.webhook_id JOIN events e ON e.id = d.event_id"
+                    f" WHERE d.id IN ({self._marks(len(ids))})",
+                    ids,
+                )
+                rows = cur.fetchall()
+        if not rows:
+            return Claims([])
+        # Oldest first, sorted here: PostgreSQL's claim runs with sorting switched off.
+        rows.sort(key=itemgetter(0))
+        taken = claim + TAKEN_OVER
         read_dt = self._dt_result
         claimed = []
         limited: dict[int, list[int]] = {}
@@ -558,6 +603,7 @@ class Outbox(Database):
             rate,
             team,
             created,
+            owner,
         ) in rows:
             prev_until = read_dt(prev_until)
             live_prev = bool(prev) and prev_until is not None and prev_until > now
@@ -573,12 +619,12 @@ class Outbox(Database):
                     url=url,
                     signing_secrets=(secret, prev) if live_prev else (secret,),
                     payload=payload.encode("utf-8"),
-                    claim=owners[did],
+                    claim=owner,
                     team_id=team,
                     created_at=read_dt(created),
                 )
             )
-        taken_over = sorted(did for did, owner in owners.items() if owner == taken)
+        taken_over = [row[0] for row in rows if row[-1] == taken]
         if not limited:
             return Claims(claimed, taken_over=taken_over)
         held, opens_at = self._take_tokens(claim=claim, wanted=limited, now=now)
@@ -691,13 +737,20 @@ class Outbox(Database):
         m = self._mark
         dt = self._dt_bind
         ids = [r.delivery_id for r in results]
-        lock = " FOR UPDATE" if self.backend == "postgresql" else ""
+        lock = " FOR UPDATE OF d" if self.backend == "postgresql" else ""
         with self._driver(write=True) as cur:
-            cur.execute(
-                f"SELECT id, lease_owner, state, webhook_id FROM deliveries WHERE id IN ({self._marks(len(ids))}){lock}",  # noqa: S608
-                ids,
-            )
+            # PostgreSQL: two round trips, the lock (with the BEGIN) and the writes with the
+            # COMMIT. Under load each round trip waits for a CPU beside the sends and the receiver.
+            # The webhook's streak is read with the lock (the webhook row itself is not locked).
+            with self._pipeline(cur):
+                cur.execute(
+                    "SELECT d.id, d.lease_owner, d.state, d.webhook_id, w.failing_since IS NOT NULL"  # noqa: S608
+                    f" FROM deliveries d JOIN webhooks w ON w.id = d.webhook_id"
+                    f" WHERE d.id IN ({self._marks(len(ids))}){lock}",
+                    ids,
+                )
             found = cur.fetchall()
+            running = {row[3] for row in found if row[4]}
             rows = {row[0]: (row[1], row[2]) for row in found}
             hook_of = {row[0]: row[3] for row in found}
             mine: list[AttemptResult] = []
@@ -733,45 +786,51 @@ class Outbox(Database):
                 )
                 for r in mine
             ]
-            if self.backend == "postgresql":
-                # One statement over arrays for each table, as recording does: executemany sent
-                # a statement per row, and psycopg's per-row work was a sixth of a worker's GIL.
-                cur.execute(
-                    "UPDATE deliveries AS d SET state = r.s, attempt_count = r.n, next_attempt_at = r.a,"
-                    " lease_owner = NULL, lease_expires_at = NULL, updated_at = %s, note = COALESCE(r.o, d.note)"
-                    " FROM unnest(%b::bigint[], %b::text[], %b::int[], %b::timestamptz[], %b::text[])"
-                    " AS r(i, s, n, a, o) WHERE d.id = r.i",
-                    (
-                        stamp,
-                        [r.delivery_id for r in mine],
-                        [r.state for r in mine],
-                        [r.number for r in mine],
-                        [dt(r.next_attempt_at) for r in mine],
-                        [r.note for r in mine],
-                    ),
-                )
-                cur.execute(
-                    "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"
-                    " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
-                    " SELECT i, w, o, n, %s, t, ms, sc, rb, e, nr, ra FROM unnest(%b::bigint[], %b::bigint[],"
-                    " %b::text[], %b::int[], %b::timestamptz[], %b::int[], %b::int[], %b::text[], %b::text[],"
-                    " %b::timestamptz[], %b::bigint[]) AS r(i, w, o, n, t, ms, sc, rb, e, nr, ra)",
-                    (worker, *(list(column) for column in zip(*attempts, strict=True))),
-                )
-            else:
-                cur.executemany(
-                    f"UPDATE deliveries SET state = {m}, attempt_count = {m}, next_attempt_at = {m},"  # noqa: S608
-                    f" lease_owner = NULL, lease_expires_at = NULL, updated_at = {m}, note = COALESCE({m}, note)"
-                    f" WHERE id = {m}",
-                    [(r.state, r.number, dt(r.next_attempt_at), stamp, r.note, r.delivery_id) for r in mine],
-                )
-                cur.executemany(
-                    "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"  # noqa: S608
-                    " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
-                    f" VALUES ({self._marks(12)})",
-                    [(*a[:4], worker, *a[4:]) for a in attempts],
-                )
-            changes = self._streak_changes(cur, [r for r in mine if r.delivery_id not in cancelled], stamp)
+            with self._pipeline(cur, commit=True):
+                if self.backend == "postgresql":
+                    # One statement over arrays for each table, as recording does: executemany sent
+                    # a statement per row, and psycopg's per-row work was a sixth of a worker's GIL.
+                    cur.execute(
+                        "UPDATE deliveries AS d SET state = r.s, attempt_count = r.n, next_attempt_at = r.a,"
+                        " lease_owner = NULL, lease_expires_at = NULL, updated_at = %s, note = COALESCE(r.o, d.note)"
+                        " FROM unnest(%b::bigint[], %b::text[], %b::int[], %b::timestamptz[], %b::text[])"
+                        " AS r(i, s, n, a, o) WHERE d.id = r.i",
+                        (
+                            stamp,
+                            [r.delivery_id for r in mine],
+                            [r.state for r in mine],
+                            [r.number for r in mine],
+                            [dt(r.next_attempt_at) for r in mine],
+                            [r.note for r in mine],
+                        ),
+                    )
+                    cur.execute(
+                        "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"
+                        " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
+                        " SELECT i, w, o, n, %s, t, ms, sc, rb, e, nr, ra FROM unnest(%b::bigint[], %b::bigint[],"
+                        " %b::text[], %b::int[], %b::timestamptz[], %b::int[], %b::int[], %b::text[], %b::text[],"
+                        " %b::timestamptz[], %b::bigint[]) AS r(i, w, o, n, t, ms, sc, rb, e, nr, ra)",
+                        (worker, *(list(column) for column in zip(*attempts, strict=True))),
+                    )
+                else:
+                    cur.executemany(
+                        f"UPDATE deliveries SET state = {m}, attempt_count = {m}, next_attempt_at = {m},"  # noqa: S608
+                        f" lease_owner = NULL, lease_expires_at = NULL, updated_at = {m}, note = COALESCE({m}, note)"
+                        f" WHERE id = {m}",
+                        [
+                            (r.state, r.number, dt(r.next_attempt_at), stamp, r.note, r.delivery_id)
+                            for r in mine
+                        ],
+                    )
+                    cur.executemany(
+                        "INSERT INTO delivery_attempts (delivery_id, webhook_id, outcome, number, worker, started_at,"  # noqa: S608
+                        " duration_ms, status_code, response_body, error, next_retry_at, retry_after_seconds)"
+                        f" VALUES ({self._marks(12)})",
+                        [(*a[:4], worker, *a[4:]) for a in attempts],
+                    )
+            changes = self._streak_changes(
+                [r for r in mine if r.delivery_id not in cancelled], running, stamp
+            )
             applied = [r.delivery_id for r in mine]
         # The streaks in a transaction of their own, after the deliveries' locks are released:
         # taking webhook rows while holding delivery rows would deadlock against a deactivation,
@@ -784,11 +843,11 @@ class Outbox(Database):
         return applied
 
     def _streak_changes(
-        self, cur: Any, results: Sequence[AttemptResult], stamp: Any
+        self, results: Sequence[AttemptResult], running: set[int], stamp: Any
     ) -> list[tuple[str, list[Any]]]:
-        """What `failing_since` must become for the webhooks of these results: a delivery that
-        succeeds ends the streak, one that ends `failed` starts it when none runs. Test
-        deliveries do not count. Reads the current streaks (no lock) so that the common case, a
+        """What `failing_since` must become for the webhooks of these results, given the webhooks
+        whose streak runs now (`running`): a delivery that succeeds ends the streak, one that
+        ends `failed` starts it when none runs. Test deliveries do not count. The common case, a
         success where none runs, writes nothing. Returns (statement, rows) pairs."""
         m = self._mark
         last: dict[int, tuple[bool, bool]] = {}  # webhook -> (failing now, a success in this batch)
@@ -798,13 +857,6 @@ class Outbox(Database):
             ok = r.state == "succeeded"
             _, reset = last.get(r.webhook_id, (False, False))
             last[r.webhook_id] = (not ok, reset or ok)
-        if not last:
-            return []
-        cur.execute(
-            f"SELECT id FROM webhooks WHERE id IN ({self._marks(len(last))}) AND failing_since IS NOT NULL",  # noqa: S608
-            list(last),
-        )
-        running = {row[0] for row in cur.fetchall()}
         ended = [(hook,) for hook, (failing, _) in last.items() if not failing and hook in running]
         fresh = [(stamp, hook) for hook, (failing, reset) in last.items() if failing and reset]
         begun = [
