@@ -716,6 +716,8 @@ def test_claim_plans_respect_every_cap_and_avoid_trickling(tmp_path):
     d._per_hook = {1: 47}
     assert d._plan(17)[:2] == ([1], 17)  # 1 slot of room would cut a claim of 17: skip webhook 1
     assert d._plan(1)[:2] == ([], 1)  # ...but with 1 free slot it may reach its cap
+    d._per_hook = {1: 40}
+    assert d._plan(20)[:2] == ([], 8)  # 8 of room is a claim worth making (the line is 48 - 6)
     d._per_hook = {1: 48, 2: 10}
     assert d._plan(6)[:2] == ([1], 6)  # at its cap: skipped; room under webhook 2's cap is 38
     d._per_hook, d._slow, d._slow_open = {1: 36, 3: 8}, {3}, 8
