@@ -80,3 +80,25 @@ async def test_read_only_key_over_stdio(db_url: str, kit: TeamKit):
         refused = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
         assert refused.is_error and "webhooks:write" in refused.content[0].text
     assert kit.webhook_count() == 0
+
+
+def test_building_the_mcp_server_leaves_logging_alone_and_rich_unimported(tmp_path):
+    """The SDK's MCPServer() configures the root logger with rich's handler, importing rich for
+    it (12-13 ms of a stdio cold start). Ours is built without that step: the process's logging is
+    the CLI's, and a program that builds the server keeps its own. Run in a fresh interpreter, as
+    a cold start is."""
+    script = f"""
+import logging, sys
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
+from justscan_mcp.mcp_server import build_mcp_server
+app = App.build(Settings(database_url="sqlite:///{tmp_path / "b.db"}"))
+app.prepare()
+before = list(logging.getLogger().handlers)
+build_mcp_server(app)
+assert logging.getLogger().handlers == before, logging.getLogger().handlers
+assert "rich" not in sys.modules, "rich was imported"
+app.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

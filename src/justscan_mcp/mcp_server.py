@@ -14,10 +14,11 @@ middleware makes the surface honest.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from mcp.server.auth.middleware.auth_context import get_access_token
 from mcp.server.context import ServerRequestContext
 from mcp.server.elicitation import render_elicitation_schema
 from mcp.server.mcpserver import Context
+from mcp.server.mcpserver import server as sdk_server
 from mcp.server.mcpserver.exceptions import ResourceNotFoundError, ToolError
 from mcp.server.mcpserver.tools import Tool
 from mcp.types import (
@@ -314,6 +316,21 @@ def _filter_tools(result: Any, principal: Principal) -> Any:
     return result
 
 
+@contextlib.contextmanager
+def _sdk_logging_left_alone() -> Iterator[None]:
+    """Build an MCPServer without its `configure_logging`: the SDK puts rich's handler on the root
+    logger (logging.basicConfig, when none is there) and imports rich for it, 12-13 ms of every
+    stdio cold start. The process's logging is the CLI's (`logs.py`); a library user's, such as
+    a test's, is theirs."""
+    name = "configure_logging"  # the SDK's own name, not part of its public API
+    saved = getattr(sdk_server, name)
+    setattr(sdk_server, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        setattr(sdk_server, name, saved)
+
+
 def build_mcp_server(app: App, *, fixed_key_id: int | None = None, timed: bool = False) -> MCPServer[Any]:
     """The MCP server for `app`.
 
@@ -345,14 +362,15 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None, timed: bool =
         if tool.fn_metadata.output_schema is not None:
             tool.fn_metadata.output_schema = compact_schema(tool.fn_metadata.output_schema)
         tools.append(tool)
-    server: MCPServer[Any] = MCPServer(
-        "justscan-webhooks",
-        tools=tools,
-        title="Just Scan It webhooks",
-        instructions=INSTRUCTIONS,
-        version=__version__,
-        website_url="https://justscanit.com",
-    )
+    with _sdk_logging_left_alone():
+        server: MCPServer[Any] = MCPServer(
+            "justscan-webhooks",
+            tools=tools,
+            title="Just Scan It webhooks",
+            instructions=INSTRUCTIONS,
+            version=__version__,
+            website_url="https://justscanit.com",
+        )
 
     async def resolve() -> Principal:
         key_id = fixed_key_id
