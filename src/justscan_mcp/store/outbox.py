@@ -534,9 +534,10 @@ class Outbox(Database):
             f"UPDATE deliveries SET lease_owner = CASE WHEN lease_owner IS NULL THEN {m} ELSE {m} END,"  # noqa: S608
             f" lease_expires_at = {self._db_now(m)} WHERE id IN ({pick})"
         )
+        taken = claim + TAKEN_OVER
         params = (
             claim,
-            claim + TAKEN_OVER,
+            taken,
             float(lease_seconds),
             dt(now),
             dt(now),
@@ -585,7 +586,6 @@ class Outbox(Database):
             return Claims([])
         # Oldest first, sorted here: PostgreSQL's claim runs with sorting switched off.
         rows.sort(key=itemgetter(0))
-        taken = claim + TAKEN_OVER
         read_dt = self._dt_result
         claimed = []
         limited: dict[int, list[int]] = {}
