@@ -11,10 +11,11 @@ import uuid
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, inspect, text
 from sqlmodel import SQLModel
 
 from justscan_mcp.errors import StoreUnavailable
+from justscan_mcp.models import Delivery
 from justscan_mcp.store import Store, normalise_url
 from tests.conftest import child_env
 
@@ -38,6 +39,28 @@ def test_models_and_migrations_agree(db_url: str):
         assert diff == [], f"models and migrations differ; add a revision: {diff}"
         current, head = store.schema_revision()
         assert current == head
+    finally:
+        store.close()
+
+
+def test_the_models_partial_indexes_are_the_databases(db_url: str):
+    """The models declare the partial indexes' predicate once (for SQLite) and the store adds the
+    PostgreSQL one when it opens PostgreSQL: on each backend, an index is partial in the models
+    exactly when it is partial in the migrated database. Alembic's comparison does not look at
+    predicates, so this is the check that the PostgreSQL ones are there."""
+    store = Store.from_url(db_url)
+    try:
+        store.migrate()
+        backend = store.backend
+        reflected = {
+            ix["name"]: ix.get("dialect_options", {}).get(f"{backend}_where")
+            for ix in inspect(store.engine).get_indexes("deliveries")
+        }
+        declared = {ix.name: ix.dialect_options[backend]["where"] for ix in Delivery.__table__.indexes}
+        assert reflected.keys() == declared.keys()
+        partial = {name for name, where in declared.items() if where is not None}
+        assert partial == {"ix_deliveries_open", "ix_deliveries_failing"}
+        assert partial == {name for name, where in reflected.items() if where is not None}
     finally:
         store.close()
 

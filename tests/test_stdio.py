@@ -8,6 +8,8 @@ import sys
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
 
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
 from tests.conftest import ALL_TOOLS, PUBLIC_URL, READ_TOOLS, TeamKit, child_env, make_team
 
 pytestmark = pytest.mark.anyio
@@ -80,6 +82,32 @@ async def test_read_only_key_over_stdio(db_url: str, kit: TeamKit):
         refused = await c.call_tool("create_webhook", {"url": PUBLIC_URL, "events": ["scan"]})
         assert refused.is_error and "webhooks:write" in refused.content[0].text
     assert kit.webhook_count() == 0
+
+
+def test_a_sqlite_start_does_not_import_the_postgresql_dialect(tmp_path):
+    """Naming a `postgresql_*` argument in a model imports SQLAlchemy's PostgreSQL dialect with
+    every driver module (20-40 ms of each stdio start and CLI command). On a current SQLite
+    database, the work the stdio server does before its first reply leaves it unimported. Fresh
+    interpreter, as a cold start is; the database is made beforehand, as a user's is (a first
+    migration loads Alembic, and Alembic loads every dialect)."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    app = App.build(Settings(database_url=url))
+    app.prepare()
+    key = make_team(app).rw
+    app.close()
+    script = f"""
+import sys
+from justscan_mcp.app import App
+from justscan_mcp.config import Settings
+app = App.build(Settings(database_url="{url}"))
+app.prepare()
+app.service.require_mcp(app.service.authenticate("{key.key}"))
+loaded = sorted(m for m in sys.modules if m.startswith("sqlalchemy.dialects.postgresql"))
+assert not loaded, loaded
+app.close()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 def test_building_the_mcp_server_leaves_logging_alone_and_rich_unimported(tmp_path):

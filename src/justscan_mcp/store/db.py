@@ -33,6 +33,7 @@ from justscan_mcp.migrations import HEAD
 from justscan_mcp.models import (
     InstanceSecret,
     UTCDateTime,
+    declare_postgresql_predicates,
 )
 from justscan_mcp.security import generate_instance_key
 
@@ -126,6 +127,7 @@ def create_db_engine(url: str) -> Engine:
         return engine
     engine = create_engine(url, pool_size=10, max_overflow=10)
     _ping_when_idle(engine)
+    declare_postgresql_predicates()
     return engine
 
 
