@@ -4,17 +4,19 @@ skew, deactivation under a send, a receiver that never answers, and races with w
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import anyio
 import pytest
 from sqlalchemy import create_engine, event, text, update
-from sqlmodel import Session, col
+from sqlmodel import Session, col, select
 
 from justscan_mcp.app import App
 from justscan_mcp.dispatcher import Dispatcher
@@ -712,19 +714,110 @@ def test_claim_plans_respect_every_cap_and_avoid_trickling(tmp_path):
     store = Store.from_url(f"sqlite:///{tmp_path}/p.db")
     d = Dispatcher(store, settings(f"sqlite:///{tmp_path}/p.db", max_in_flight=64))
     assert (d.settings.per_webhook_in_flight, d.settings.slow_lane_in_flight) == (48, 8)
-    assert d._plan(64) == ([], 48, [], 8)  # idle: one webhook may take 48 of 64
-    d._per_hook = {1: 47}
-    assert d._plan(17)[:2] == ([1], 17)  # 1 slot of room would cut a claim of 17: skip webhook 1
-    assert d._plan(1)[:2] == ([], 1)  # ...but with 1 free slot it may reach its cap
-    d._per_hook = {1: 40}
-    assert d._plan(20)[:2] == ([], 8)  # 8 of room is a claim worth making (the line is 48 - 6)
-    d._per_hook = {1: 48, 2: 10}
-    assert d._plan(6)[:2] == ([1], 6)  # at its cap: skipped; room under webhook 2's cap is 38
-    d._per_hook, d._slow, d._slow_open = {1: 36, 3: 8}, {3}, 8
+    # What a webhook has claimed counts against twice its cap: 48 sending, 48 waiting for a slot.
+    assert (d._claim_cap, d._budget) == (96, 112)
+    assert d._plan(112) == ([], 96, [], 8)  # idle: one webhook may claim 96 of 112
+    d._per_hook = {1: 95}
+    assert d._plan(17)[:2] == ([1], 17)  # 1 of room would cut a claim of 17: skip webhook 1
+    assert d._plan(1)[:2] == ([], 1)  # ...but with 1 free it may reach its cap
+    d._per_hook = {1: 84}
+    assert d._plan(20)[:2] == ([], 12)  # 12 of room is a claim worth making (the line is 96 - 12)
+    d._per_hook = {1: 85}
+    assert d._plan(20)[:2] == ([1], 20)  # 11 is not
+    d._per_hook = {1: 96, 2: 10}
+    assert d._plan(6)[:2] == ([1], 6)  # at its cap: skipped; room under webhook 2's cap is 86
+    d._per_hook, d._slow, d._slow_open = {1: 84, 3: 8}, {3}, 8
     assert d._plan(20) == ([3], 12, [], 0)  # slow webhooks never use the main pool; the lane is full
     d._slow_open = 5
     assert d._plan(20) == ([3], 12, [3], 3)
     store.close()
+
+
+def leases(app: App, ids: list[int]) -> dict[int, str | None]:
+    with app.store.session() as s:
+        return {d.id: d.lease_owner for d in s.exec(select(Delivery).where(col(Delivery.id).in_(ids)))}
+
+
+async def test_deliveries_claimed_ahead_wait_for_a_slot_and_stale_ones_go_back(app: App, db_url: str):
+    """Over its webhook's send cap, a claimed delivery waits in the process and takes the next
+    slot of that webhook that frees, with no claim in between. One that waited half the lease
+    margin could start a send that outlives its lease (and be taken over mid-send): it goes back
+    to the database instead, due at once, and the others keep their lease."""
+    kit = make_team(app, "ahead")
+    hook_id = hook(kit, "https://93.184.216.34/hook").id  # nothing is sent: this dispatcher is never started
+    ids = [emit(app, kit, n)[0] for n in range(1, 7)]
+    d = Dispatcher(app.store, settings(db_url, max_in_flight=4, lease_margin=10.0))
+    assert (d._cap, d._claim_cap, d._budget) == (3, 6, 7)
+    claim = "c" * 24
+    jobs = app.store.claim_due(claim=claim, now=utcnow(), lease_seconds=60, limit=6, only=[hook_id])
+    assert sorted(j.delivery_id for j in jobs) == sorted(ids)
+    at = time.monotonic()
+    for job in jobs:
+        d._launch(job, slow=False, claimed_at=at)
+    assert (d.in_flight, d._waiting_n, d._jobs.qsize()) == (3, 3, 3)
+    started = [d._jobs.get_nowait()[0] for _ in range(3)]
+    assert started == jobs[:3]
+
+    d._done(started[0], False)  # a send ends: the first waiting one takes its slot at once
+    assert (d.in_flight, d._waiting_n) == (3, 2)
+    assert d._jobs.get_nowait()[0] == jobs[3]
+
+    d._waiting[hook_id] = deque((job, at - 5.0) for job, _ in d._waiting[hook_id])  # 5 s ago
+    d._done(started[1], False)
+    assert (d.in_flight, d._waiting_n, d._open, d._per_hook) == (2, 0, 2, {hook_id: 2})
+    await asyncio.gather(*d._handing_back)
+    back = {jobs[4].delivery_id, jobs[5].delivery_id}
+    assert leases(app, ids) == {i: None if i in back else claim for i in ids}
+    assert d._wake.is_set()  # they are due again: the pump looks
+    d._db.shutdown()
+
+
+async def test_a_webhook_turning_slow_hands_back_what_it_claimed_ahead(app: App, db_url: str):
+    """What a webhook claimed ahead would take main slots for its timeouts once it is slow: when
+    a send shows it slow, its waiting deliveries go back to the database for the slow lane to
+    claim; its sends already started finish where they are."""
+    from justscan_mcp.sender import SendResult
+
+    kit = make_team(app, "slow-ahead")
+    hook_id = hook(kit, "https://93.184.216.34/hook").id
+    ids = [emit(app, kit, n)[0] for n in range(1, 7)]
+    d = Dispatcher(app.store, settings(db_url, max_in_flight=4, delivery_timeout=2.0, lease_margin=60.0))
+    claim = "s" * 24
+    jobs = app.store.claim_due(claim=claim, now=utcnow(), lease_seconds=60, limit=6, only=[hook_id])
+    for job in jobs:
+        d._launch(job, slow=False, claimed_at=time.monotonic())
+    d._note_speed(hook_id, SendResult(200, "ok", None, 1200))  # over half the 2 s timeout
+    assert hook_id in d._slow
+    assert (d.in_flight, d._waiting_n, d._open, d._per_hook) == (3, 0, 3, {hook_id: 3})
+    await asyncio.gather(*d._handing_back)
+    sent = {j.delivery_id for j in jobs[:3]}
+    assert leases(app, ids) == {i: claim if i in sent else None for i in ids}
+    d._db.shutdown()
+
+
+async def test_a_stop_hands_back_what_was_claimed_ahead_and_nothing_is_lost(db_url: str, receiver: Receiver):
+    """A stop waits for the sends that started, not for what was claimed ahead of them: those go
+    back to the database at once (not after their leases), and the next start sends every
+    delivery exactly once."""
+    ids: list[int] = []
+    async with running(db_url, max_in_flight=4, delivery_timeout=8.0, lease_margin=60.0) as app:
+        kit = make_team(app, "stop-ahead")
+        hook(kit, receiver.url("/held"), "/held", receiver)
+        receiver.expect("/held", *[Reply(delay=2.0)] * 3)
+        ids = [emit(app, kit, n)[0] for n in range(1, 11)]
+        await until(lambda: len(receiver.at("/held")) == 3, what="three sends held by the receiver")
+        await until(
+            lambda: sum(owner is not None for owner in leases(app, ids).values()) == 6,
+            what="three more claimed ahead",
+        )
+    assert len(receiver.at("/held")) == 3  # the stop sent nothing that had not started
+    owners = leases(app, ids)
+    assert sum(owner is None for owner in owners.values()) == 10, owners  # 3 saved, 7 free
+    async with running(db_url, max_in_flight=4) as app:
+        await until(lambda: len(receiver.at("/held")) >= 10, what="every delivery")
+        await until(lambda: all(final(app, kit, i) for i in ids), what="every delivery saved")
+    sent = sorted(int(r.headers["x-webhook-delivery"]) for r in receiver.at("/held"))
+    assert sent == sorted(ids)
 
 
 def test_a_pooled_connection_the_server_dropped_is_replaced_and_a_busy_one_is_not_pinged(

@@ -8,8 +8,11 @@ Shape of one process's dispatcher:
 - `wake()` (thread-safe) starts a claim at once, which is how an event recorded in this process
   is on its way within milliseconds. Work recorded by other processes wakes it through LISTEN on
   PostgreSQL and, on SQLite, by a thread that looks at the newest delivery id every few ms;
-- the pump claims at most as many deliveries as there are free in-flight slots
-  (`JUSTSCAN_MAX_IN_FLIGHT`), so the database lease always covers work that is really running;
+- the pump claims for the free in-flight slots (`JUSTSCAN_MAX_IN_FLIGHT`) and, for a webhook
+  with a backlog, up to one more per-webhook cap ahead: those wait in the process for a slot of
+  their webhook and take it the moment a send ends, with no claim round trip between (see
+  `_launch`). A delivery that waited too long for its lease to cover a whole send, or whose webhook
+  turned slow, or that is still waiting when the process stops, is handed back to the database;
 - `JUSTSCAN_MAX_IN_FLIGHT` long-lived sender coroutines take claimed deliveries from a queue and
   post them (http1, our keep-alive client; never blocking the MCP server's loop); a task per delivery cost ~20 µs of
   CPU each, a tenth of a delivery's budget. The database calls run in worker threads;
@@ -32,6 +35,7 @@ the same X-Webhook-Delivery / webhook-id, which receivers use to deduplicate.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -126,10 +130,21 @@ class Dispatcher:
         self._stopping = False
         self._started = False
         self._jobs: asyncio.Queue[tuple[Claimed, bool] | None] = asyncio.Queue()
-        self._open = 0  # claimed by this process and not yet finished
+        self._open = 0  # claimed by this process and not yet finished (sending or waiting)
         self._senders: list[asyncio.Task[None]] = []
         # Isolation: sends in flight per webhook, webhooks known to be slow, the slow lane's use.
-        self._per_hook: dict[int, int] = {}
+        self._per_hook: dict[int, int] = {}  # claimed and not yet finished, per webhook
+        self._sending: dict[int, int] = {}  # of those, sends started (queued for or in a sender)
+        # Claimed ahead: deliveries waiting for a send slot of their webhook, with when they were
+        # claimed (monotonic). A claim costs about the same for 1 row as for 40, and its round
+        # trip is where one webhook's sends used to wait: with room to claim only for free slots,
+        # one worker on one webhook kept 12-18 of its 48 slots busy on PostgreSQL.
+        self._waiting: dict[int, collections.deque[tuple[Claimed, float]]] = {}
+        self._waiting_n = 0
+        self._cap = settings.per_webhook_in_flight
+        self._claim_cap = 2 * self._cap  # sending plus waiting, per webhook
+        self._budget = settings.max_in_flight + self._cap  # sending plus waiting, in all
+        self._handing_back: set[asyncio.Task[None]] = set()
         self._slow: set[int] = set()
         self._slow_open = 0
         # Finished attempts waiting for the writer: a list and an event, cheaper per item than a
@@ -220,7 +235,7 @@ class Dispatcher:
             )
             self._watcher.start()
         self._started = True
-        self.metrics.bind_dispatcher(lambda: float(self._open), lambda: time.monotonic() - self.last_turn)
+        self.metrics.bind_dispatcher(lambda: float(self.in_flight), lambda: time.monotonic() - self.last_turn)
         log.info(
             "dispatcher %s started (max %d in flight, %d per webhook, slow lane %d)",
             self.worker_id,
@@ -247,6 +262,16 @@ class Dispatcher:
         if len(self._tasks) == 2:
             pump, writer = self._tasks
             await pump
+            # Claimed ahead and not started: back to the database, due at once for any process,
+            # rather than sent now (a stop waits for sends already started, not for a backlog)
+            # or left to their leases.
+            waiting = [job for queue in self._waiting.values() for job, _ in queue]
+            self._waiting.clear()
+            self._waiting_n = 0
+            self._finish_unsent(waiting)
+            self._hand_back(waiting)
+            if self._handing_back:
+                await asyncio.wait(self._handing_back, timeout=STOP_SAVE_GRACE)
             if self._open:
                 log.info("dispatcher %s: waiting for %d in-flight sends", self.worker_id, self._open)
             for _ in self._senders:
@@ -440,11 +465,12 @@ class Dispatcher:
         """What to claim now: (webhooks the main claim skips, its limit, the slow webhooks the
         slow-lane claim may take, its limit).
 
-        The main limit never exceeds the room left under the cap of any webhook the claim may
-        take from, so no claim overshoots a cap. Webhooks at their cap are skipped. So are those
-        within an eighth of it (`_near_cap`) when their little room would cut a claim that other
-        webhooks' work could fill (a claim of 16 rows costs about what one of 1 row does)."""
-        cap = self.settings.per_webhook_in_flight
+        The cap here is on what a webhook has claimed, sending and waiting (`_claim_cap`, twice
+        the cap on its sends). The main limit never exceeds the room left under it for any
+        webhook the claim may take from, so no claim overshoots. Webhooks at it are skipped. So are
+        those within an eighth of it (`_near_cap`) when their little room would cut a claim that
+        other webhooks' work could fill (a claim of 16 rows costs about what one of 1 row does)."""
+        cap = self._claim_cap
         counts = {w: n for w, n in self._per_hook.items() if w not in self._slow}
         skipped = {w for w, n in counts.items() if n >= cap} | self._slow
         room = cap - max((n for w, n in counts.items() if w not in skipped), default=0)
@@ -502,7 +528,7 @@ class Dispatcher:
             started_at=self.started_at,
             last_beat_at=self.clock(),
             interval_seconds=self.settings.poll_interval,
-            in_flight=self._open,
+            in_flight=self.in_flight,
         )
         # An outage is the claim loop's to report; the next beat tries again.
         try:
@@ -515,12 +541,13 @@ class Dispatcher:
         while not self._stopping:
             self.last_turn = time.monotonic()
             self._wake.clear()
-            free = self.settings.max_in_flight - self._open
+            free = self._budget - self._open
             if free > 0:
                 plan = self._plan(free)
                 # What wakes the pump from _done is decided anew after this claim, from the
                 # counts then: a wake for the state before the claim would only cost an empty one.
                 held_back, self._capped, self._backlog_hooks = self._capped, set(), set()
+                claimed_at = time.monotonic()
                 try:
                     main, lane = await self._in_thread(partial(self._claim, plan))
                     delay = 0.5
@@ -544,9 +571,9 @@ class Dispatcher:
                     if batch.gate_opens_at is not None:
                         self._wake_at(batch.gate_opens_at)
                 for job in main:
-                    self._launch(job, slow=False)
+                    self._launch(job, slow=False, claimed_at=claimed_at)
                 for job in lane:
-                    self._launch(job, slow=True)
+                    self._launch(job, slow=True, claimed_at=claimed_at)
                 # A full claim means more work is likely waiting for the webhooks it came from.
                 # Claim again at once, or as slots free up (_done), but only while one of those
                 # webhooks may still be claimed from: a claim that must skip the only busy
@@ -557,7 +584,7 @@ class Dispatcher:
                 near = self._near_cap()
                 self._capped = {w for w, n in self._per_hook.items() if n > near}
                 released = held_back - self._capped  # fell under the line while we claimed
-                if (self._claimable_backlog() or released) and self._open < self.settings.max_in_flight:
+                if (self._claimable_backlog() or released) and self._open < self._budget:
                     continue
             await self._wake.wait()
 
@@ -580,23 +607,105 @@ class Dispatcher:
             )
 
     def _near_cap(self) -> int:
-        """The line above which a webhook's few free slots do not start a claim of their own (it
-        waits to fall back under it): an eighth of the cap under it, 6 slots of 48. A quarter
-        (12) made one webhook's backlog wait for its sends to drain before every claim; with an
-        eighth, one worker on one webhook delivered 0.64-0.65 of the bare client's rate on
-        SQLite instead of 0.56-0.57 (PostgreSQL: median 0.46 against 0.43, five runs each)."""
-        cap = self.settings.per_webhook_in_flight
+        """The line above which a webhook's little room to claim does not start a claim of its own
+        (it waits to fall back under it): an eighth of `_claim_cap` under it. A quarter made one
+        webhook's backlog wait for its sends to drain before every claim; with an eighth, one
+        worker on one webhook delivered 0.64-0.65 of the bare client's rate on SQLite instead of
+        0.56-0.57 (PostgreSQL: median 0.46 against 0.43, five runs each)."""
+        cap = self._claim_cap
         return cap - max(1, cap // 8)
 
     def _claimable_backlog(self) -> bool:
         return any(w not in self._capped and w not in self._slow for w in self._backlog_hooks)
 
-    def _launch(self, job: Claimed, *, slow: bool) -> None:
+    @property
+    def in_flight(self) -> int:
+        """Sends started and not finished (claimed, less what waits for a slot)."""
+        return self._open - self._waiting_n
+
+    def _launch(self, job: Claimed, *, slow: bool, claimed_at: float) -> None:
+        hook = job.webhook_id
         self._open += 1
-        self._per_hook[job.webhook_id] = self._per_hook.get(job.webhook_id, 0) + 1
+        self._per_hook[hook] = self._per_hook.get(hook, 0) + 1
         if slow:
             self._slow_open += 1
+        elif self._sending.get(hook, 0) >= self._cap:
+            self._waiting.setdefault(hook, collections.deque()).append((job, claimed_at))
+            self._waiting_n += 1
+            return
+        self._send(job, slow)
+
+    def _send(self, job: Claimed, slow: bool) -> None:
+        self._sending[job.webhook_id] = self._sending.get(job.webhook_id, 0) + 1
         self._jobs.put_nowait((job, slow))
+
+    def _next_waiting(self, hook: int) -> None:
+        """A send of `hook` ended: start its next waiting delivery, if one may still be sent.
+
+        A lease lasts the delivery timeout plus the margin from its claim, so a send that starts
+        more than the margin after the claim could outlive it and be taken over mid-send. Waits
+        are milliseconds while the webhook answers fast (a send that takes half the timeout moves
+        the webhook to the slow lane, handing its waiting ones back), so this is the guard for a
+        small configured margin: those that waited half the margin go back to the database."""
+        queue = self._waiting.get(hook)
+        if not queue:
+            return
+        stale: list[Claimed] = []
+        limit = time.monotonic() - self.settings.lease_margin / 2
+        while queue and queue[0][1] < limit:
+            stale.append(queue.popleft()[0])
+        if queue:
+            job, _ = queue.popleft()
+            self._waiting_n -= 1
+            self._send(job, False)
+        if not queue:
+            del self._waiting[hook]
+        if stale:
+            self._waiting_n -= len(stale)
+            self._finish_unsent(stale)
+            self._hand_back(stale)
+
+    def _finish_unsent(self, jobs: list[Claimed]) -> None:
+        """Count claimed deliveries that leave without a send."""
+        for job in jobs:
+            self._open -= 1
+            left = self._per_hook.get(job.webhook_id, 1) - 1
+            if left:
+                self._per_hook[job.webhook_id] = left
+            else:
+                self._per_hook.pop(job.webhook_id, None)
+
+    def _hand_back(self, jobs: list[Claimed]) -> None:
+        """Release claimed deliveries that were not sent, in the background; then look for work,
+        as they are due again. If the database does not answer, their leases expire instead: they
+        are sent later, never lost."""
+        if not jobs:
+            return
+        by_claim: dict[str, list[int]] = {}
+        for job in jobs:
+            by_claim.setdefault(job.claim, []).append(job.delivery_id)
+
+        def release() -> None:
+            for claim, ids in by_claim.items():
+                self.store.release(claim=claim, delivery_ids=ids)
+
+        async def run() -> None:
+            try:
+                await self._in_thread(release)
+            except Exception as exc:
+                log.warning(
+                    "dispatcher %s could not hand back %d unsent deliveries (%s); they are sent "
+                    "again when their leases expire",
+                    self.worker_id,
+                    len(jobs),
+                    exc,
+                )
+            else:
+                self._wake.set()
+
+        task = asyncio.create_task(run(), name="justscan-hand-back")
+        self._handing_back.add(task)
+        task.add_done_callback(self._handing_back.discard)
 
     async def _send_loop(self) -> None:
         while (item := await self._jobs.get()) is not None:
@@ -612,6 +721,11 @@ class Dispatcher:
     def _done(self, job: Claimed, slow: bool) -> None:
         self._open -= 1
         hook = job.webhook_id
+        sending = self._sending.get(hook, 1) - 1
+        if sending:
+            self._sending[hook] = sending
+        else:
+            self._sending.pop(hook, None)
         left = self._per_hook.get(hook, 1) - 1
         if left:
             self._per_hook[hook] = left
@@ -624,6 +738,7 @@ class Dispatcher:
         if slow:
             self._wake.set()  # a slot of the slow lane is free
             return
+        self._next_waiting(hook)
         if hook in self._capped and left <= self._near_cap():
             # A webhook that claims had to hold back fell to where they take from it again.
             self._capped.discard(hook)
@@ -631,7 +746,7 @@ class Dispatcher:
             return
         # Under a backlog, claim again once a quarter of the slots are free: one claim of 16 rows
         # costs about what one of 1 row does, so trickling claims would cap the send rate.
-        free = self.settings.max_in_flight - self._open
+        free = self._budget - self._open
         if self._claimable_backlog() and (free >= max(1, self.settings.max_in_flight // 4) or not self._open):
             self._wake.set()
 
@@ -647,6 +762,14 @@ class Dispatcher:
                     outcome.duration_ms,
                 )
                 self._slow.add(webhook_id)
+                # What it claimed ahead would take main slots for its timeouts: hand it back, for
+                # the slow lane to claim.
+                queue = self._waiting.pop(webhook_id, None)
+                if queue:
+                    unsent = [job for job, _ in queue]
+                    self._waiting_n -= len(unsent)
+                    self._finish_unsent(unsent)
+                    self._hand_back(unsent)
         elif (
             webhook_id in self._slow
             and outcome.status_code is not None
