@@ -792,6 +792,17 @@ async def test_a_webhook_turning_slow_hands_back_what_it_claimed_ahead(app: App,
     await asyncio.gather(*d._handing_back)
     sent = {j.delivery_id for j in jobs[:3]}
     assert leases(app, ids) == {i: claim if i in sent else None for i in ids}
+    # A main claim that was under way when it turned slow: what it adds waits, and goes back
+    # when a send of the webhook ends rather than taking the main slot.
+    late = app.store.claim_due(claim="t" * 24, now=utcnow(), lease_seconds=60, limit=3, only=[hook_id])
+    assert len(late) == 3
+    for job in late:
+        d._launch(job, slow=False, claimed_at=time.monotonic())
+    assert d._waiting_n == 3
+    d._done(jobs[0], False)
+    assert (d.in_flight, d._waiting_n, d._jobs.qsize()) == (2, 0, 3)  # the 3 sends launched before
+    await asyncio.gather(*d._handing_back)
+    assert leases(app, ids) == {i: claim if i in sent else None for i in ids}
     d._db.shutdown()
 
 

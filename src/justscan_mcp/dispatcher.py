@@ -651,7 +651,8 @@ class Dispatcher:
         if not queue:
             return
         stale: list[Claimed] = []
-        limit = time.monotonic() - self.settings.lease_margin / 2
+        # A claim under way when the webhook turned slow can still have added to its queue.
+        limit = float("inf") if hook in self._slow else time.monotonic() - self.settings.lease_margin / 2
         while queue and queue[0][1] < limit:
             stale.append(queue.popleft()[0])
         if queue:
