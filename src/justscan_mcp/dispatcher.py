@@ -100,6 +100,17 @@ def attempt_fields(result: AttemptResult) -> dict[str, object]:
     }
 
 
+def _count_out(counts: dict[int, int], key: int) -> int:
+    """One less for `key`, dropping it at zero (the dicts of counts stay as small as the set of
+    busy webhooks); what is left."""
+    left = counts.get(key, 1) - 1
+    if left:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
+    return left
+
+
 def new_worker_id() -> str:
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(3)}"
 
@@ -267,8 +278,6 @@ class Dispatcher:
             # or left to their leases.
             waiting = [job for queue in self._waiting.values() for job, _ in queue]
             self._waiting.clear()
-            self._waiting_n = 0
-            self._finish_unsent(waiting)
             self._hand_back(waiting)
             if self._handing_back:
                 await asyncio.wait(self._handing_back, timeout=STOP_SAVE_GRACE)
@@ -661,29 +670,19 @@ class Dispatcher:
             self._send(job, False)
         if not queue:
             del self._waiting[hook]
-        if stale:
-            self._waiting_n -= len(stale)
-            self._finish_unsent(stale)
-            self._hand_back(stale)
-
-    def _finish_unsent(self, jobs: list[Claimed]) -> None:
-        """Count claimed deliveries that leave without a send."""
-        for job in jobs:
-            self._open -= 1
-            left = self._per_hook.get(job.webhook_id, 1) - 1
-            if left:
-                self._per_hook[job.webhook_id] = left
-            else:
-                self._per_hook.pop(job.webhook_id, None)
+        self._hand_back(stale)
 
     def _hand_back(self, jobs: list[Claimed]) -> None:
-        """Release claimed deliveries that were not sent, in the background; then look for work,
-        as they are due again. If the database does not answer, their leases expire instead: they
-        are sent later, never lost."""
+        """Waiting deliveries, already taken out of their queues, leave without a send: count them
+        out, and release them in the background; then look for work, as they are due again. If
+        the database does not answer, their leases expire instead: sent later, never lost."""
         if not jobs:
             return
+        self._waiting_n -= len(jobs)
+        self._open -= len(jobs)
         by_claim: dict[str, list[int]] = {}
         for job in jobs:
+            _count_out(self._per_hook, job.webhook_id)
             by_claim.setdefault(job.claim, []).append(job.delivery_id)
 
         def release() -> None:
@@ -722,16 +721,8 @@ class Dispatcher:
     def _done(self, job: Claimed, slow: bool) -> None:
         self._open -= 1
         hook = job.webhook_id
-        sending = self._sending.get(hook, 1) - 1
-        if sending:
-            self._sending[hook] = sending
-        else:
-            self._sending.pop(hook, None)
-        left = self._per_hook.get(hook, 1) - 1
-        if left:
-            self._per_hook[hook] = left
-        else:
-            self._per_hook.pop(hook, None)
+        _count_out(self._sending, hook)
+        left = _count_out(self._per_hook, hook)
         if slow:
             self._slow_open -= 1
         if self._stopping:
@@ -765,12 +756,7 @@ class Dispatcher:
                 self._slow.add(webhook_id)
                 # What it claimed ahead would take main slots for its timeouts: hand it back, for
                 # the slow lane to claim.
-                queue = self._waiting.pop(webhook_id, None)
-                if queue:
-                    unsent = [job for job, _ in queue]
-                    self._waiting_n -= len(unsent)
-                    self._finish_unsent(unsent)
-                    self._hand_back(unsent)
+                self._hand_back([job for job, _ in self._waiting.pop(webhook_id, ())])
         elif (
             webhook_id in self._slow
             and outcome.status_code is not None
