@@ -733,6 +733,10 @@ def test_claim_plans_respect_every_cap_and_avoid_trickling(tmp_path):
     store.close()
 
 
+def waiting(d: Dispatcher) -> int:
+    return sum(len(queue) for queue in d._waiting.values())
+
+
 def leases(app: App, ids: list[int]) -> dict[int, str | None]:
     with app.store.session() as s:
         return {d.id: d.lease_owner for d in s.exec(select(Delivery).where(col(Delivery.id).in_(ids)))}
@@ -754,17 +758,17 @@ async def test_deliveries_claimed_ahead_wait_for_a_slot_and_stale_ones_go_back(a
     at = time.monotonic()
     for job in jobs:
         d._launch(job, slow=False, claimed_at=at)
-    assert (d.in_flight, d._waiting_n, d._jobs.qsize()) == (3, 3, 3)
+    assert (d.in_flight, waiting(d), d._jobs.qsize()) == (3, 3, 3)
     started = [d._jobs.get_nowait()[0] for _ in range(3)]
     assert started == jobs[:3]
 
     d._done(started[0], False)  # a send ends: the first waiting one takes its slot at once
-    assert (d.in_flight, d._waiting_n) == (3, 2)
+    assert (d.in_flight, waiting(d)) == (3, 2)
     assert d._jobs.get_nowait()[0] == jobs[3]
 
     d._waiting[hook_id] = deque((job, at - 5.0) for job, _ in d._waiting[hook_id])  # 5 s ago
     d._done(started[1], False)
-    assert (d.in_flight, d._waiting_n, d._open, d._per_hook) == (2, 0, 2, {hook_id: 2})
+    assert (d.in_flight, waiting(d), d._open, d._per_hook) == (2, 0, 2, {hook_id: 2})
     await asyncio.gather(*d._handing_back)
     back = {jobs[4].delivery_id, jobs[5].delivery_id}
     assert leases(app, ids) == {i: None if i in back else claim for i in ids}
@@ -788,7 +792,7 @@ async def test_a_webhook_turning_slow_hands_back_what_it_claimed_ahead(app: App,
         d._launch(job, slow=False, claimed_at=time.monotonic())
     d._note_speed(hook_id, SendResult(200, "ok", None, 1200))  # over half the 2 s timeout
     assert hook_id in d._slow
-    assert (d.in_flight, d._waiting_n, d._open, d._per_hook) == (3, 0, 3, {hook_id: 3})
+    assert (d.in_flight, waiting(d), d._open, d._per_hook) == (3, 0, 3, {hook_id: 3})
     await asyncio.gather(*d._handing_back)
     sent = {j.delivery_id for j in jobs[:3]}
     assert leases(app, ids) == {i: claim if i in sent else None for i in ids}
@@ -798,9 +802,9 @@ async def test_a_webhook_turning_slow_hands_back_what_it_claimed_ahead(app: App,
     assert len(late) == 3
     for job in late:
         d._launch(job, slow=False, claimed_at=time.monotonic())
-    assert d._waiting_n == 3
+    assert waiting(d) == 3
     d._done(jobs[0], False)
-    assert (d.in_flight, d._waiting_n, d._jobs.qsize()) == (2, 0, 3)  # the 3 sends launched before
+    assert (d.in_flight, waiting(d), d._jobs.qsize()) == (2, 0, 3)  # the 3 sends launched before
     await asyncio.gather(*d._handing_back)
     assert leases(app, ids) == {i: claim if i in sent else None for i in ids}
     d._db.shutdown()

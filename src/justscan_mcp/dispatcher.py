@@ -151,7 +151,6 @@ class Dispatcher:
         # trip is where one webhook's sends used to wait: with room to claim only for free slots,
         # one worker on one webhook kept 12-18 of its 48 slots busy on PostgreSQL.
         self._waiting: dict[int, collections.deque[tuple[Claimed, float]]] = {}
-        self._waiting_n = 0
         self._cap = settings.per_webhook_in_flight
         self._claim_cap = 2 * self._cap  # sending plus waiting, per webhook
         self._budget = settings.max_in_flight + self._cap  # sending plus waiting, in all
@@ -630,7 +629,7 @@ class Dispatcher:
     @property
     def in_flight(self) -> int:
         """Sends started and not finished (claimed, less what waits for a slot)."""
-        return self._open - self._waiting_n
+        return sum(self._sending.values())
 
     def _launch(self, job: Claimed, *, slow: bool, claimed_at: float) -> None:
         hook = job.webhook_id
@@ -640,7 +639,6 @@ class Dispatcher:
             self._slow_open += 1
         elif self._sending.get(hook, 0) >= self._cap:
             self._waiting.setdefault(hook, collections.deque()).append((job, claimed_at))
-            self._waiting_n += 1
             return
         self._send(job, slow)
 
@@ -666,7 +664,6 @@ class Dispatcher:
             stale.append(queue.popleft()[0])
         if queue:
             job, _ = queue.popleft()
-            self._waiting_n -= 1
             self._send(job, False)
         if not queue:
             del self._waiting[hook]
@@ -678,7 +675,6 @@ class Dispatcher:
         the database does not answer, their leases expire instead: sent later, never lost."""
         if not jobs:
             return
-        self._waiting_n -= len(jobs)
         self._open -= len(jobs)
         by_claim: dict[str, list[int]] = {}
         for job in jobs:
