@@ -707,6 +707,35 @@ async def test_stopping_before_or_during_start_does_not_raise(db_url: str):
     app.close()
 
 
+async def test_a_stop_lets_a_running_heartbeat_finish_and_leaves_no_beat_behind(
+    app: App, db_url: str, caplog, monkeypatch
+):
+    """A stop used to shut APScheduler down under a running job: a heartbeat waiting for its
+    database write was cancelled, APScheduler logged that as the job's error with a traceback
+    (the soak counts it as an unhandled exception), and the write, already in its thread, could
+    land after the stop had removed this worker's row. Now the stop pauses the scheduler, lets a
+    running job finish, and then removes the row."""
+    in_beat, beat_written = threading.Event(), threading.Event()
+    real_beat = app.store.beat
+
+    def slow_beat(row):
+        in_beat.set()
+        time.sleep(0.5)  # the database taking its time, in the beat's own thread
+        real_beat(row)
+        beat_written.set()
+
+    monkeypatch.setattr(app.store, "beat", slow_beat)
+    d = Dispatcher(app.store, settings(db_url, poll_interval=0.1))
+    await d.start()
+    await until(in_beat.is_set, what="a heartbeat writing")
+    with caplog.at_level(logging.INFO):
+        await d.stop()
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    await until(beat_written.is_set, what="the beat's write")  # even one cancelled lands
+    assert [b.worker_id for b in app.store.dispatcher_beats()] == []
+
+
 def test_claim_plans_respect_every_cap_and_avoid_trickling(tmp_path):
     """The pure part of isolation: what the next claim may take, given what is in flight."""
     from justscan_mcp.store import Store

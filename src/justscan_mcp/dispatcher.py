@@ -44,11 +44,11 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from functools import partial
+from functools import partial, wraps
 from typing import Any, TypeVar
 
 from justscan_mcp.config import Settings
@@ -155,6 +155,7 @@ class Dispatcher:
         self._claim_cap = 2 * self._cap  # sending plus waiting, per webhook
         self._budget = settings.max_in_flight + self._cap  # sending plus waiting, in all
         self._handing_back: set[asyncio.Task[None]] = set()
+        self._running_jobs: set[asyncio.Task[Any]] = set()  # scheduler jobs under way (see _job)
         self._slow: set[int] = set()
         self._slow_open = 0
         # Finished attempts waiting for the writer: a list and an event, cheaper per item than a
@@ -193,7 +194,7 @@ class Dispatcher:
         await self.sender.start()
         scheduler = AsyncIOScheduler(event_loop=self._loop, timezone=UTC)
         scheduler.add_job(
-            self._tick,
+            self._job(self._tick),
             "interval",
             seconds=self.settings.poll_interval,
             id="poll",
@@ -201,7 +202,7 @@ class Dispatcher:
             max_instances=1,
         )
         scheduler.add_job(
-            self.sweep,
+            self._job(self.sweep),
             "interval",
             seconds=RETENTION_INTERVAL,
             next_run_time=datetime.now(UTC) + timedelta(seconds=RETENTION_FIRST_RUN),
@@ -210,7 +211,7 @@ class Dispatcher:
             max_instances=1,
         )
         scheduler.add_job(
-            self.heartbeat,
+            self._job(self.heartbeat),
             "interval",
             seconds=self.settings.poll_interval,
             id="heartbeat",
@@ -219,7 +220,7 @@ class Dispatcher:
         )
         if self.settings.disable_after > 0:
             scheduler.add_job(
-                self.disable_failing,
+                self._job(self.disable_failing),
                 "interval",
                 seconds=min(DISABLE_CHECK_INTERVAL, self.settings.disable_after / 2),
                 id="disable-failing",
@@ -290,6 +291,13 @@ class Dispatcher:
             self._results_ready.set()
             await writer
         if self._scheduler is not None:
+            # No job starts from here; one under way (a heartbeat whose write queued behind the
+            # last save, say) finishes first. APScheduler's shutdown cancels a running coroutine
+            # job and logs that as its error, and a beat cancelled mid-write still lands from its
+            # thread, after drop_beat below.
+            self._scheduler.pause()
+            if self._running_jobs:
+                await asyncio.wait(self._running_jobs, timeout=STOP_SAVE_GRACE)
             self._scheduler.shutdown(wait=False)
         with contextlib.suppress(Exception):  # best effort: a dead row ages out by itself
             await asyncio.wait_for(self._in_thread(partial(self.store.drop_beat, self.worker_id)), 2.0)
@@ -297,6 +305,21 @@ class Dispatcher:
         self._db.shutdown(wait=False)
         self.metrics.unbind_dispatcher()
         log.info("dispatcher %s stopped", self.worker_id)
+
+    def _job(self, fn: Callable[[], Awaitable[Any]]) -> Callable[[], Awaitable[None]]:
+        """`fn` as a scheduler job whose run the stop can wait for."""
+
+        @wraps(fn)
+        async def run() -> None:
+            task = asyncio.current_task()
+            assert task is not None  # a coroutine job runs in a task of the loop
+            self._running_jobs.add(task)
+            try:
+                await fn()
+            finally:
+                self._running_jobs.discard(task)
+
+        return run
 
     def wake(self) -> None:
         """Look for due work now. Safe to call from any thread."""
