@@ -130,3 +130,77 @@ app.close()
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+COLLECTOR_PROBE = """
+import gc, sys, threading, time
+default = gc.get_threshold()
+seen = {}
+class Probe:
+    def find_spec(self, name, path=None, target=None):
+        if name == "justscan_mcp.cli":
+            seen.setdefault("cli", gc.get_threshold())
+        return None
+sys.meta_path.insert(0, Probe())
+def watch():
+    deadline = time.monotonic() + 30
+    while not (gc.get_freeze_count() and gc.get_threshold() == default) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    print("probe", repr((seen.get("cli"), gc.get_threshold(), default)), file=sys.stderr, flush=True)
+threading.Thread(target=watch, daemon=True).start()
+"""
+
+
+@pytest.mark.parametrize("entry", ["python -m", "script"])
+def test_a_start_runs_its_imports_under_a_relaxed_collector_and_ends_on_the_defaults(
+    db_url, app, tmp_path, entry
+):
+    """The collector's default thresholds cost 134-181 ms of a start (most of it walking the heap
+    that the imports build). Both entries (`python -m justscan_mcp`, the `justscan-mcp` script)
+    relax it before the command line's imports, and the started server is back on the
+    interpreter's thresholds. Observed from inside a real stdio server by a `sitecustomize`
+    probe: the thresholds when `justscan_mcp.cli` is first looked up, and the thresholds once
+    the lifespan has frozen the start's objects (or what they are after 30 s)."""
+    import ast
+    import shutil
+    from pathlib import Path
+
+    from justscan_mcp.collector import START_THRESHOLD
+
+    (tmp_path / "sitecustomize.py").write_text(COLLECTOR_PROBE)
+    key = make_team(app, "stdio-gc").rw
+    env = child_env(db_url, JUSTSCAN_API_KEY=key.key, PYTHONPATH=str(tmp_path))
+    script = shutil.which("justscan-mcp", path=str(Path(sys.executable).parent))
+    assert script, "the justscan-mcp script is not installed beside this interpreter"
+    command = [sys.executable, "-m", "justscan_mcp", "serve"] if entry == "python -m" else [script, "serve"]
+    proc = subprocess.Popen(
+        command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdin and proc.stdout and proc.stderr
+        proc.stdin.write(
+            '{"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": '
+            '"2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}\n'
+        )
+        proc.stdin.flush()
+        assert '"result"' in proc.stdout.readline()
+        line = proc.stderr.readline()  # the probe's line; the server logs nothing below warning
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+    assert line.startswith("probe "), line
+    at_cli, after, default = ast.literal_eval(line.removeprefix("probe "))
+    assert at_cli == (START_THRESHOLD, *default[1:]), f"the command line was imported at {at_cli}"
+    assert after == default
+
+
+def test_importing_the_package_leaves_the_collector_alone():
+    """Programs and tests that import the service (not run its entry) keep their thresholds."""
+    script = """
+import gc
+before = gc.get_threshold()
+import justscan_mcp, justscan_mcp.cli, justscan_mcp.app, justscan_mcp.mcp_server
+assert gc.get_threshold() == before, gc.get_threshold()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
