@@ -117,7 +117,7 @@ class Metrics:
         )
         self.in_flight = Gauge(
             "justscan_sends_in_flight",
-            "Deliveries this process has claimed and not yet finished",
+            "Deliveries this process is sending now (started and not finished; claimed ones waiting for a slot are not counted)",
             registry=registry,
         )
         self.loop_age = Gauge(
