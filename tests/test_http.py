@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import httpx
 import httpx2
@@ -265,3 +266,57 @@ def test_claude_desktop_example_is_valid_and_launches_serve():
     config = json.loads((Path(__file__).parents[1] / "examples" / "claude_desktop_config.json").read_text())
     server = config["mcpServers"]["justscan"]
     assert server["args"] == ["serve"] and "JUSTSCAN_API_KEY" in server["env"]
+
+
+async def test_streamable_http_reads_the_key_once_a_request_and_sse_messages_read_it_again(
+    app, kit: TeamKit, monkeypatch: pytest.MonkeyPatch
+):
+    """Over streamable HTTP the key is authenticated by the HTTP layer on every request; the MCP
+    gate re-read it by id for every message as well (a second thread hop and query, a third to a
+    half of a `list_webhooks` call's server time here). It now takes the caller checked for that
+    very request. An SSE message is only identified by the HTTP layer, so there the gate still
+    reads the key itself: revocation and the MCP switch reach an open SSE session. In process
+    (uvicorn in this event loop), to count the reads."""
+    import anyio
+    import uvicorn
+
+    from justscan_mcp.http_server import build_http_app
+
+    gate_reads: list[int] = []
+    real = app.service.principal_for_key_id
+
+    def counted(key_id: int) -> Any:
+        gate_reads.append(key_id)
+        return real(key_id)
+
+    monkeypatch.setattr(app.service, "principal_for_key_id", counted)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(
+            build_http_app(app, port=port, dispatcher=False), host="127.0.0.1", port=port, log_level="warning"
+        )
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve)
+        with anyio.fail_after(30):
+            while not server.started:
+                await anyio.sleep(0.02)
+        try:
+            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {kit.rw.key}"}, timeout=30)
+            async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
+                assert sorted(t.name for t in (await c.list_tools()).tools) == ALL_TOOLS
+                for _ in range(3):
+                    assert (await c.call_tool("list_webhooks", {})).is_error is False
+            assert gate_reads == [], f"the gate read the key again {len(gate_reads)} times"
+            async with Client(
+                sse_client(f"{base}/sse", headers={"Authorization": f"Bearer {kit.rw.key}"})
+            ) as c:
+                before = len(gate_reads)
+                assert (await c.call_tool("list_webhooks", {})).is_error is False
+                assert len(gate_reads) > before
+                kit.app.service.update_api_key(key_id=kit.rw.id, mcp_enabled=False)
+                with pytest.raises(MCPError, match="MCP is not enabled"):
+                    await c.call_tool("list_webhooks", {})
+        finally:
+            server.should_exit = True

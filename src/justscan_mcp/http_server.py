@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from justscan_mcp.app import App
 from justscan_mcp.errors import McpDisabled, StoreUnavailable, Unauthenticated
-from justscan_mcp.mcp_server import build_mcp_server
+from justscan_mcp.mcp_server import authenticated_for_request, build_mcp_server
 from justscan_mcp.models import Principal, UncheckedKey
 from justscan_mcp.oauth_server import MCP_SCOPES, oauth_routes, resource_metadata_url, resource_url
 from justscan_mcp.probes import probe_routes
@@ -41,7 +41,8 @@ from justscan_mcp.threads import in_thread
 log = logging.getLogger("justscan_mcp.http")
 
 SSE_MESSAGES = "/messages"
-MCP_PATHS = ("/mcp", "/sse", SSE_MESSAGES)
+MCP_STREAMABLE = "/mcp"
+MCP_PATHS = (MCP_STREAMABLE, "/sse", SSE_MESSAGES)
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 
 
@@ -180,9 +181,17 @@ class BearerKeyAuth:
         scope["user"] = user
         scope["auth"] = AuthCredentials(token.scopes)
         reset = auth_context_var.set(user)
+        # Streamable HTTP: this request's messages are answered within it, so what was checked
+        # above is what the MCP gate would read again. Not for SSE: its messages are identified
+        # only (above), and its long-lived stream is not the request that carries them.
+        fresh = (
+            caller if isinstance(caller, Principal) and scope["path"].rstrip("/") == MCP_STREAMABLE else None
+        )
+        reset_fresh = authenticated_for_request.set(fresh)
         try:
             await self.app(scope, receive, send)
         finally:
+            authenticated_for_request.reset(reset_fresh)
             auth_context_var.reset(reset)
 
 
@@ -269,7 +278,9 @@ def build_http_app(
     app.service.oauth_resource = resource_url(public_url)
     mcp = build_mcp_server(app, timed=True)
     security = transport_security(host, port, [*app.settings.allowed_hosts, *allowed_hosts])
-    streamable = mcp.streamable_http_app(streamable_http_path="/mcp", transport_security=security, host=host)
+    streamable = mcp.streamable_http_app(
+        streamable_http_path=MCP_STREAMABLE, transport_security=security, host=host
+    )
     sse = mcp.sse_app(sse_path="/sse", message_path="/messages/", transport_security=security, host=host)
 
     @asynccontextmanager

@@ -62,6 +62,16 @@ _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "justscan_principal", default=None
 )
 
+# The caller that the HTTP layer authenticated for this very request (`http_server.BearerKeyAuth`,
+# streamable HTTP only): the key read by hash, revocation and the MCP switch checked, moments ago.
+# The SDK handles each message in the context of the request that sent it, so the gate can take
+# this caller instead of reading the key a second time (a thread hop and a query: a third to a
+# half of a `list_webhooks` call's server time on a busy 2-core machine). SSE messages and stdio
+# never set it, and the gate reads the key itself for them.
+authenticated_for_request: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
+    "justscan_authenticated_for_request", default=None
+)
+
 INSTRUCTIONS = """\
 Manage Just Scan It webhooks for the team your API key belongs to. A webhook is an https URL that
 receives signed POST requests when QR-code events happen (scan, first_scan, form_submit,
@@ -382,6 +392,9 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None, timed: bool =
                 raise MCPError(UNAUTHENTICATED_CODE, "no API key: send Authorization: Bearer jsi_...")
             key_id = claims["key_id"]
             grant_id = claims.get("grant_id")
+            checked = authenticated_for_request.get()
+            if checked is not None and checked.key_id == key_id:
+                return checked
         try:
             if isinstance(grant_id, int):
                 # An OAuth token: its grant's scopes, re-read (revoked grants end at once).
