@@ -29,9 +29,8 @@ def relax_for_start() -> None:
     """Raise the youngest generation's threshold until `started()`; a second call does nothing."""
     global _saved
     if _saved is None:
-        threshold0, threshold1, threshold2 = gc.get_threshold()
-        _saved = (threshold0, threshold1, threshold2)
-        gc.set_threshold(START_THRESHOLD, threshold1, threshold2)
+        _saved = gc.get_threshold()
+        gc.set_threshold(START_THRESHOLD, *_saved[1:])
 
 
 def started() -> None:

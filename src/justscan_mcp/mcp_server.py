@@ -65,9 +65,9 @@ _principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
 # The caller that the HTTP layer authenticated for this very request (`http_server.BearerKeyAuth`,
 # streamable HTTP only): the key read by hash, revocation and the MCP switch checked, moments ago.
 # The SDK handles each message in the context of the request that sent it, so the gate can take
-# this caller instead of reading the key a second time (a thread hop and a query: a third to a
-# half of a `list_webhooks` call's server time on a busy 2-core machine). SSE messages and stdio
-# never set it, and the gate reads the key itself for them.
+# this caller instead of reading the key a second time (a thread hop and a query: about a third
+# of a `list_webhooks` call's server time on a busy 2-core machine). SSE messages and stdio never
+# set it, and the gate reads the key itself for them.
 authenticated_for_request: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
     "justscan_authenticated_for_request", default=None
 )
