@@ -141,7 +141,6 @@ class Dispatcher:
         self._stopping = False
         self._started = False
         self._jobs: asyncio.Queue[tuple[Claimed, bool] | None] = asyncio.Queue()
-        self._open = 0  # claimed by this process and not yet finished (sending or waiting)
         self._senders: list[asyncio.Task[None]] = []
         # Isolation: sends in flight per webhook, webhooks known to be slow, the slow lane's use.
         self._per_hook: dict[int, int] = {}  # claimed and not yet finished, per webhook
@@ -650,13 +649,17 @@ class Dispatcher:
         return any(w not in self._capped and w not in self._slow for w in self._backlog_hooks)
 
     @property
+    def _open(self) -> int:
+        """Claimed by this process and not yet finished (sending or waiting), in all."""
+        return sum(self._per_hook.values())
+
+    @property
     def in_flight(self) -> int:
         """Sends started and not finished (claimed, less what waits for a slot)."""
         return sum(self._sending.values())
 
     def _launch(self, job: Claimed, *, slow: bool, claimed_at: float) -> None:
         hook = job.webhook_id
-        self._open += 1
         self._per_hook[hook] = self._per_hook.get(hook, 0) + 1
         if slow:
             self._slow_open += 1
@@ -698,7 +701,6 @@ class Dispatcher:
         the database does not answer, their leases expire instead: sent later, never lost."""
         if not jobs:
             return
-        self._open -= len(jobs)
         by_claim: dict[str, list[int]] = {}
         for job in jobs:
             _count_out(self._per_hook, job.webhook_id)
@@ -738,7 +740,6 @@ class Dispatcher:
                 self._done(job, slow)
 
     def _done(self, job: Claimed, slow: bool) -> None:
-        self._open -= 1
         hook = job.webhook_id
         _count_out(self._sending, hook)
         left = _count_out(self._per_hook, hook)
@@ -757,8 +758,9 @@ class Dispatcher:
             return
         # Under a backlog, claim again once a quarter of the slots are free: one claim of 16 rows
         # costs about what one of 1 row does, so trickling claims would cap the send rate.
-        free = self._budget - self._open
-        if self._claimable_backlog() and (free >= max(1, self.settings.max_in_flight // 4) or not self._open):
+        claimed = self._open
+        free = self._budget - claimed
+        if self._claimable_backlog() and (free >= max(1, self.settings.max_in_flight // 4) or not claimed):
             self._wake.set()
 
     def _note_speed(self, webhook_id: int, outcome: SendResult) -> None:
