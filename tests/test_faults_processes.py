@@ -3,9 +3,13 @@ wake-up, and a black-holed receiver beside a healthy one across several workers.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
+import threading
 import time
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -13,6 +17,8 @@ import pytest
 
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
+from justscan_mcp.errors import StoreUnavailable
+from justscan_mcp.store import Store
 from tests.conftest import child_env, make_team, missing, spawn_server, spawn_worker, stop_process, wait_for
 from tests.receiver import BlackHole, Receiver, Reply
 from tests.test_scaleout import FAST
@@ -97,6 +103,86 @@ def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothin
     finally:
         stop_process(worker)
         app.close()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_error(pg_url: str):
+    """A PostgreSQL stop can reach a connection in the middle of a pipeline (the claim's and the
+    save's statements go in one round trip) at a moment when psycopg has read the server's
+    AdminShutdown but not yet the close: it cannot leave pipeline mode ("while busy"), and the
+    connection is neither in a transaction it can roll back nor marked broken. SQLAlchemy then
+    tried a ROLLBACK on it, and again when the pool reset it, and logged that second failure at
+    ERROR with a traceback: an operator saw an error traceback for a routine outage (the CI soak
+    caught one). Such a connection is now discarded without either.
+
+    Sixteen threads claim in a loop (a pipeline with its COMMIT) while the cluster stops; the
+    race is hit in most stops here, and the test repeats the stop until a claim has met it."""
+    store = Store.from_url(pg_url)
+    seen = _Records()
+    watched = [logging.getLogger(name) for name in ("sqlalchemy", "justscan_mcp")]
+    for logger in watched:
+        logger.addHandler(seen)
+    failures: list[str] = []
+    claims = [0]
+
+    def claim_until_the_database_goes() -> None:
+        while True:
+            try:
+                store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
+                claims[0] += 1
+            except StoreUnavailable as exc:
+                failures.append(str(exc))
+                return
+
+    stops = 0
+    try:
+        while stops < 8 and not any("pipeline mode" in f for f in failures):
+            wait_for(lambda: _claims_cleanly(store), timeout=30, what="claims before the stop")
+            failed_before, claims[0] = len(failures), 0
+            threads = [threading.Thread(target=claim_until_the_database_goes) for _ in range(16)]
+            for thread in threads:
+                thread.start()
+            wait_for(lambda: claims[0] >= 200, what="the claims running")
+            assert len(failures) == failed_before, failures[failed_before:]
+            stops += 1
+            postgres("stop")
+            try:
+                for thread in threads:
+                    thread.join(30)
+                assert not any(t.is_alive() for t in threads), "a claim hung on the stopped database"
+            finally:
+                postgres("start")
+        met = [f for f in failures if "pipeline mode" in f]
+        print(f"{stops} stop(s); {len(met)} of {len(failures)} claims met the stuck pipeline")
+        assert met, f"no claim met the race in {stops} stops: {sorted(set(failures))}"
+        # The caller's error names the server's reason, not only psycopg's failure after it.
+        assert all("terminating connection due to administrator command" in f for f in met), met
+        errors = [r for r in seen.records if r.levelno >= logging.ERROR or r.exc_info]
+        assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
+        # The pool holds no connection left in pipeline mode: every one of them works again.
+        wait_for(lambda: _claims_cleanly(store), timeout=30, what="claims after the restart")
+        for _ in range(40):
+            store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
+    finally:
+        for logger in watched:
+            logger.removeHandler(seen)
+        store.close()
+
+
+def _claims_cleanly(store: Store) -> bool:
+    try:
+        store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
+    except StoreUnavailable:
+        return False
+    return True
 
 
 def test_a_sqlite_worker_wakes_within_milliseconds_for_another_process_s_event(

@@ -165,6 +165,18 @@ def _ping_when_idle(engine: Engine) -> None:
             raise
 
 
+def _left_unusable(raw: Any) -> bool:
+    """Whether a failed transaction left its psycopg connection fit only to be discarded: the
+    server dropped it, or a stop reached it inside a pipeline after psycopg had read the server's
+    AdminShutdown but not yet the close. psycopg then cannot leave pipeline mode ("while busy"),
+    yet the connection is not marked broken, so SQLAlchemy would not know to drop it. SQLite's
+    connections are never left so."""
+    pgconn = getattr(raw, "pgconn", None)
+    if pgconn is None:
+        return False
+    return bool(raw.broken) or int(pgconn.pipeline_status) != 0
+
+
 class Database:
     """One engine and what every transaction shares. Methods open and close their own short
     transaction."""
@@ -265,7 +277,12 @@ class Database:
         except self._driver_errors as exc:
             if _is_programming_error(exc):
                 raise
-            raise StoreUnavailable(f"database unavailable: {exc}") from exc
+            reason = str(exc)
+            if isinstance(exc.__context__, self._driver_errors):
+                # psycopg raises its failure to leave a pipeline over the server's own reason
+                # ("cannot exit pipeline mode while busy" over AdminShutdown): name the reason.
+                reason = f"{exc.__context__} (then: {exc})"
+            raise StoreUnavailable(f"database unavailable: {reason}") from exc
         finally:
             _sqlite_begin.reset(mode)
             if queued:
@@ -407,9 +424,16 @@ class Database:
             if snapshot and self.backend == "postgresql":
                 conn.execution_options(isolation_level="REPEATABLE READ")
             with conn.begin():
-                cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                raw = conn.connection.driver_connection
+                cur = raw.cursor()  # type: ignore[union-attr]
                 try:
                     yield cur
+                except BaseException as exc:
+                    if _left_unusable(raw):
+                        # Before the transaction's ROLLBACK: on such a connection it fails, and
+                        # the pool's reset after it fails again and is logged as an ERROR.
+                        conn.invalidate(exc)
+                    raise
                 finally:
                     cur.close()
 
