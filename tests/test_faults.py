@@ -707,6 +707,61 @@ async def test_stopping_before_or_during_start_does_not_raise(db_url: str):
     app.close()
 
 
+async def test_a_retry_timer_that_comes_due_while_the_last_one_reads_the_database_still_fires(
+    db_url: str, receiver: Receiver, caplog, monkeypatch
+):
+    """When the retry timer fired it woke the pump and then, still inside the scheduler's job,
+    read the next retry time from the database. A retry saved meanwhile set the timer again; if
+    that came due before the read returned, APScheduler skipped the firing ("maximum number of
+    running instances reached", a WARNING the CI soak showed), and the timer was left believing
+    it was armed: every later retry waited for the poll tick instead of its time. Here the poll
+    is 30 s, and the third attempt must come on the timer."""
+    app = App.build(settings(db_url))
+    app.prepare()
+    kit = make_team(app, "timer")
+    hook(kit, receiver.url("/t"), "/t", receiver)
+    receiver.expect("/t", Reply(500), Reply(500), Reply(200))
+    entered, release = threading.Event(), threading.Event()
+    real_next_due_after = app.store.next_due_after
+    reads = [0]
+
+    def slow_next_due_after(when):
+        reads[0] += 1
+        if reads[0] == 1:
+            entered.set()
+            release.wait(20)  # the database taking its time over the first timer's read
+        return real_next_due_after(when)
+
+    monkeypatch.setattr(app.store, "next_due_after", slow_next_due_after)
+    d = Dispatcher(app.store, settings(db_url, poll_interval=30.0, retry_schedule=(0.5, 0.5, 0.5)))
+    await d.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            emit(app, kit)
+            await until(entered.is_set, what="the first timer's read")
+            await until(lambda: len(receiver.at("/t")) >= 2, what="the second attempt, on that timer")
+
+            def next_timer_came_due() -> bool:
+                skipped = any(
+                    "skipped" in r.getMessage() for r in caplog.records if r.name.startswith("apscheduler")
+                )
+                return skipped or reads[0] >= 2
+
+            await until(next_timer_came_due, what="the next timer coming due during the first read")
+            release.set()
+            await until(
+                lambda: len(receiver.at("/t")) >= 3,
+                timeout=10,
+                what="the third attempt on the retry timer (the poll tick is 30 s away)",
+            )
+        warnings = [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.WARNING]
+        assert warnings == []
+    finally:
+        release.set()
+        await d.stop()
+        app.close()
+
+
 async def test_a_stop_lets_a_running_heartbeat_finish_and_leaves_no_beat_behind(
     app: App, db_url: str, caplog, monkeypatch
 ):

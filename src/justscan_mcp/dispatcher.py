@@ -173,6 +173,7 @@ class Dispatcher:
         self._capped: set[int] = set()
         self._scheduler: Any = None
         self._timer_at: datetime | None = None
+        self._arming: set[asyncio.Task[None]] = set()  # reads of the next retry time (_retry_due)
         self._listener: asyncio.Task[None] | None = None
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -298,6 +299,9 @@ class Dispatcher:
             if self._running_jobs:
                 await asyncio.wait(self._running_jobs, timeout=STOP_SAVE_GRACE)
             self._scheduler.shutdown(wait=False)
+        for task in list(self._arming):  # a read whose answer no timer will use now
+            task.cancel()
+        await asyncio.gather(*self._arming, return_exceptions=True)
         with contextlib.suppress(Exception):  # best effort: a dead row ages out by itself
             await asyncio.wait_for(self._in_thread(partial(self.store.drop_beat, self.worker_id)), 2.0)
         await self.sender.close()
@@ -477,10 +481,19 @@ class Dispatcher:
         return ids
 
     async def _retry_due(self) -> None:
-        """The retry timer fired: claim, and set the timer to the next retry time still ahead."""
+        """The retry timer fired: claim, and set the timer to the next retry time still ahead.
+
+        The read of that time runs in a task of its own, not in the scheduler's job: a job still
+        waiting on the database when a retry saved meanwhile brought the timer due again made
+        APScheduler skip that firing (with a warning), and the timer, believing itself armed,
+        was never set again; every later retry waited for the poll tick."""
         self._timer_at = None
         self._wake.set()
-        now = self.clock()
+        task = asyncio.create_task(self._arm_for_next_retry(self.clock()), name="justscan-next-retry")
+        self._arming.add(task)
+        task.add_done_callback(self._arming.discard)
+
+    async def _arm_for_next_retry(self, now: datetime) -> None:
         try:
             nxt = await self._in_thread(partial(self.store.next_due_after, now))
         except Exception as exc:  # the poll tick still finds the work; say why the timer could not
