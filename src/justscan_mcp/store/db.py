@@ -165,16 +165,14 @@ def _ping_when_idle(engine: Engine) -> None:
             raise
 
 
-def _left_unusable(raw: Any) -> bool:
-    """Whether a failed transaction left its psycopg connection fit only to be discarded: the
-    server dropped it, or a stop reached it inside a pipeline after psycopg had read the server's
-    AdminShutdown but not yet the close. psycopg then cannot leave pipeline mode ("while busy"),
-    yet the connection is not marked broken, so SQLAlchemy would not know to drop it. SQLite's
-    connections are never left so."""
+def _stuck_in_pipeline(raw: Any) -> bool:
+    """Whether a failed transaction left its psycopg connection in pipeline mode though the
+    server has not (yet, to psycopg) closed it: a stop that reaches a pipeline after psycopg has
+    read the server's AdminShutdown but not the close. psycopg then cannot leave pipeline mode
+    ("while busy"), and the connection is not marked broken, so SQLAlchemy would not know to
+    drop it. SQLite's connections have no pipeline."""
     pgconn = getattr(raw, "pgconn", None)
-    if pgconn is None:
-        return False
-    return bool(raw.broken) or int(pgconn.pipeline_status) != 0
+    return pgconn is not None and not raw.broken and int(pgconn.pipeline_status) != 0
 
 
 class Database:
@@ -265,7 +263,7 @@ class Database:
         except (OperationalError, SAInterfaceError) as exc:
             if _is_programming_error(exc.orig):
                 raise
-            raise StoreUnavailable(f"database unavailable: {exc.orig or exc}") from exc
+            raise StoreUnavailable(f"database unavailable: {self._reason(exc)}") from exc
         except IntegrityError as exc:
             raise _conflict(exc.orig) from exc
         except DataError as exc:
@@ -277,16 +275,24 @@ class Database:
         except self._driver_errors as exc:
             if _is_programming_error(exc):
                 raise
-            reason = str(exc)
-            if isinstance(exc.__context__, self._driver_errors):
-                # psycopg raises its failure to leave a pipeline over the server's own reason
-                # ("cannot exit pipeline mode while busy" over AdminShutdown): name the reason.
-                reason = f"{exc.__context__} (then: {exc})"
-            raise StoreUnavailable(f"database unavailable: {reason}") from exc
+            raise StoreUnavailable(f"database unavailable: {self._reason(exc)}") from exc
         finally:
             _sqlite_begin.reset(mode)
             if queued:
                 self._sqlite_writer.release()  # type: ignore[union-attr]
+
+    def _reason(self, exc: BaseException) -> str:
+        """What the database said first. A failure can bring more failures while it is handled
+        (psycopg's "cannot exit pipeline mode" over the server's AdminShutdown, then the
+        ROLLBACK on the dead connection), and the last says least: name the first, then the
+        last."""
+        last = getattr(exc, "orig", None) or exc
+        first, node = last, exc.__context__
+        while node is not None:
+            if isinstance(node, self._driver_errors):
+                first = node
+            node = node.__context__
+        return str(last) if first is last else f"{first} (then: {last})"
 
     # --- schema -----------------------------------------------------------------------------
 
@@ -428,11 +434,14 @@ class Database:
                 cur = raw.cursor()  # type: ignore[union-attr]
                 try:
                     yield cur
-                except BaseException as exc:
-                    if _left_unusable(raw):
-                        # Before the transaction's ROLLBACK: on such a connection it fails, and
-                        # the pool's reset after it fails again and is logged as an ERROR.
-                        conn.invalidate(exc)
+                except BaseException:
+                    if _stuck_in_pipeline(raw):
+                        # Closed before the transaction's ROLLBACK, which then meets a closed
+                        # connection: a disconnect to SQLAlchemy, which drops it and every
+                        # connection pooled before it, as for one the server closed. Left open,
+                        # the ROLLBACK failed, the pool's reset failed again and was logged as an
+                        # ERROR, and the connection could come back from the pool.
+                        raw.close()  # type: ignore[union-attr]
                     raise
                 finally:
                     cur.close()
