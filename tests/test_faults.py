@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import threading
 import time
 from collections import deque
@@ -917,6 +918,77 @@ async def test_a_stop_hands_back_what_was_claimed_ahead_and_nothing_is_lost(db_u
         await until(lambda: all(final(app, kit, i) for i in ids), what="every delivery saved")
     sent = sorted(int(r.headers["x-webhook-delivery"]) for r in receiver.at("/held"))
     assert sent == sorted(ids)
+
+
+class SilentDatabase:
+    """A TCP listener that accepts connections and never says a word: a PostgreSQL host that
+    hangs (memory pressure, a stuck disk) or a proxy in front of a dead one."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.held.append(self.sock.accept()[0])
+
+    def close(self) -> None:
+        for conn in [*self.held, self.sock]:
+            conn.close()
+
+
+def _fails_within(call, seconds: float) -> tuple[float, BaseException | None]:
+    """Run `call` in a daemon thread; (its time, what it raised), or fail if it still runs after
+    `seconds` (the thread is left behind: a hang is the defect)."""
+    outcome: list[BaseException | None] = []
+    started = time.monotonic()
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not outcome:
+        pytest.fail(f"still waiting for the database after {seconds:.0f} s")
+    return time.monotonic() - started, outcome[0]
+
+
+def test_a_database_that_accepts_and_never_answers_fails_the_call_instead_of_hanging():
+    """No connect timeout was set, and libpq has none by default: a PostgreSQL host that
+    accepted the TCP connection and then said nothing held every request's thread, the
+    dispatcher's claim and the server's start for ever (no "not reachable" line, no 503). A
+    connection now gives up after CONNECT_TIMEOUT seconds (StoreUnavailable: callers get their
+    503 and the dispatcher waits and retries), and a `connect_timeout` in the URL still wins."""
+    from justscan_mcp.store import Store
+    from justscan_mcp.store.db import CONNECT_TIMEOUT
+
+    silent = SilentDatabase()
+    try:
+        store = Store.from_url(f"postgresql://postgres@127.0.0.1:{silent.port}/justscan")
+        took, raised = _fails_within(store.ping, CONNECT_TIMEOUT + 10)
+        assert isinstance(raised, StoreUnavailable), raised
+        assert took >= CONNECT_TIMEOUT - 1, took
+        # The LISTEN connection of the dispatcher is made from the same URL.
+        assert f"connect_timeout={CONNECT_TIMEOUT}" in (store.listen_dsn() or "")
+        store.close()
+
+        own = Store.from_url(f"postgresql://postgres@127.0.0.1:{silent.port}/justscan?connect_timeout=2")
+        took, raised = _fails_within(own.ping, 12)
+        assert isinstance(raised, StoreUnavailable) and took < CONNECT_TIMEOUT - 1, (took, raised)
+        assert "connect_timeout=2" in (own.listen_dsn() or "")
+        own.close()
+    finally:
+        silent.close()
 
 
 def test_a_pooled_connection_the_server_dropped_is_replaced_and_a_busy_one_is_not_pinged(

@@ -125,11 +125,20 @@ def create_db_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_listener)
         return engine
-    engine = create_engine(url, pool_size=10, max_overflow=10)
+    if "connect_timeout" not in parsed.query:
+        # libpq waits for ever by default: a host that accepts the connection and then says
+        # nothing (hung, or a proxy before a dead server) held every caller's thread, the claim
+        # and the start. In the URL, so the dispatcher's LISTEN connection has it too.
+        parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT)})
+    engine = create_engine(parsed, pool_size=10, max_overflow=10)
     _ping_when_idle(engine)
     declare_postgresql_predicates()
     return engine
 
+
+# Seconds a new PostgreSQL connection may take, handshake and authentication included, before
+# it counts as an outage (StoreUnavailable). A `connect_timeout` in the database URL wins.
+CONNECT_TIMEOUT = 10
 
 # A pooled connection back in use within this many seconds is not pinged first (HikariCP's
 # "alive bypass window" is 500 ms too).
