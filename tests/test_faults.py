@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import socket
 import threading
 import time
@@ -989,6 +990,46 @@ def test_a_database_that_accepts_and_never_answers_fails_the_call_instead_of_han
         own.close()
     finally:
         silent.close()
+
+
+def test_postgresql_connections_notice_a_silent_network_within_a_minute(pg_base_url):
+    """A PostgreSQL host that vanishes without a reset (a partition, a failover that moves the
+    address) left a statement sent on a pooled connection waiting for the kernel's own
+    retransmission limit, about 15 minutes here (tcp_retries2 = 15), and an idle connection,
+    such as the dispatcher's LISTEN, never noticed at all. The connections now carry TCP
+    keepalives and a TCP user timeout (30 s unacknowledged), so such a call fails as an outage
+    within a minute. Packet loss cannot be injected on this machine (no iptables, no netem), so
+    this reads the options off the real sockets; a value in the URL still wins."""
+    from tests.conftest import missing
+
+    if pg_base_url is None:
+        missing("JUSTSCAN_TEST_DATABASE_URL", "this test runs on PostgreSQL; set it")
+
+    def socket_options(url: str) -> tuple[int, int, int, int, int]:
+        from justscan_mcp.store import Store
+
+        store = Store.from_url(url)
+        try:
+            with store._driver(write=False) as cur:
+                sock = socket.socket(fileno=os.dup(cur.connection.pgconn.socket))
+                try:
+                    return (
+                        sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT),
+                        sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT),
+                    )
+                finally:
+                    sock.close()  # the duplicate only: the connection keeps its own descriptor
+        finally:
+            store.close()
+
+    keepalive, idle, interval, count, user_timeout = socket_options(pg_base_url)
+    assert keepalive == 1
+    assert idle + interval * count <= 60 and user_timeout == 30_000, (idle, interval, count, user_timeout)
+    sep = "&" if "?" in pg_base_url else "?"
+    assert socket_options(f"{pg_base_url}{sep}keepalives_idle=45")[1] == 45
 
 
 def test_a_pooled_connection_the_server_dropped_is_replaced_and_a_busy_one_is_not_pinged(

@@ -125,11 +125,8 @@ def create_db_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin_listener)
         return engine
-    if "connect_timeout" not in parsed.query:
-        # libpq waits for ever by default: a host that accepts the connection and then says
-        # nothing (hung, or a proxy before a dead server) held every caller's thread, the claim
-        # and the start. In the URL, so the dispatcher's LISTEN connection has it too.
-        parsed = parsed.update_query_dict({"connect_timeout": str(CONNECT_TIMEOUT)})
+    # In the URL, so the dispatcher's LISTEN connection has them too; the URL's own values win.
+    parsed = parsed.update_query_dict({k: v for k, v in PG_CONNECTION.items() if k not in parsed.query})
     engine = create_engine(parsed, pool_size=10, max_overflow=10)
     _ping_when_idle(engine)
     declare_postgresql_predicates()
@@ -137,8 +134,24 @@ def create_db_engine(url: str) -> Engine:
 
 
 # Seconds a new PostgreSQL connection may take, handshake and authentication included, before
-# it counts as an outage (StoreUnavailable). A `connect_timeout` in the database URL wins.
+# it counts as an outage (StoreUnavailable). libpq waits for ever by default: a host that
+# accepted the connection and then said nothing (hung, or a proxy before a dead server) held
+# every caller's thread, the claim and the start.
 CONNECT_TIMEOUT = 10
+
+# libpq parameters of every PostgreSQL connection unless the URL sets them. A host that vanishes
+# without a reset (a partition, a failover that moves the address) is noticed within a minute:
+# data unacknowledged for 30 s fails the call (otherwise the kernel retransmits for about 15
+# minutes), and an idle connection, such as the dispatcher's LISTEN, is probed after 30 s of
+# silence (otherwise after two hours).
+PG_CONNECTION = {
+    "connect_timeout": str(CONNECT_TIMEOUT),
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
 
 # A pooled connection back in use within this many seconds is not pinged first (HikariCP's
 # "alive bypass window" is 500 ms too).
