@@ -921,28 +921,6 @@ async def test_a_stop_hands_back_what_was_claimed_ahead_and_nothing_is_lost(db_u
     assert sent == sorted(ids)
 
 
-class SilentDatabase:
-    """A TCP listener that accepts connections and never says a word: a PostgreSQL host that
-    hangs (memory pressure, a stuck disk) or a proxy in front of a dead one."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        self.held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.held.append(self.sock.accept()[0])
-
-    def close(self) -> None:
-        for conn in [*self.held, self.sock]:
-            conn.close()
-
-
 def _fails_within(call, seconds: float) -> tuple[float, BaseException | None]:
     """Run `call` in a daemon thread; (its time, what it raised), or fail if it still runs after
     `seconds` (the thread is left behind: a hang is the defect)."""
@@ -973,8 +951,7 @@ def test_a_database_that_accepts_and_never_answers_fails_the_call_instead_of_han
     from justscan_mcp.store import Store
     from justscan_mcp.store.db import CONNECT_TIMEOUT
 
-    silent = SilentDatabase()
-    try:
+    with BlackHole() as silent:  # a PostgreSQL host that hangs, or a proxy before a dead one
         store = Store.from_url(f"postgresql://postgres@127.0.0.1:{silent.port}/justscan")
         took, raised = _fails_within(store.ping, CONNECT_TIMEOUT + 10)
         assert isinstance(raised, StoreUnavailable), raised
@@ -988,8 +965,6 @@ def test_a_database_that_accepts_and_never_answers_fails_the_call_instead_of_han
         assert isinstance(raised, StoreUnavailable) and took < CONNECT_TIMEOUT - 1, (took, raised)
         assert "connect_timeout=2" in (own.listen_dsn() or "")
         own.close()
-    finally:
-        silent.close()
 
 
 def test_postgresql_connections_notice_a_silent_network_within_a_minute(pg_base_url):

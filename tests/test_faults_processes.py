@@ -105,16 +105,9 @@ def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothin
         app.close()
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_error(pg_url: str):
+def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_error(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+):
     """A PostgreSQL stop can reach a connection in the middle of a pipeline (the claim's and the
     save's statements go in one round trip) at a moment when psycopg has read the server's
     AdminShutdown but not yet the close: it cannot leave pipeline mode ("while busy"), and the
@@ -126,10 +119,7 @@ def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_
     Sixteen threads claim in a loop (a pipeline with its COMMIT) while the cluster stops; the
     race is hit in most stops here, and the test repeats the stop until a claim has met it."""
     store = Store.from_url(pg_url)
-    seen = _Records()
-    watched = [logging.getLogger(name) for name in ("sqlalchemy", "justscan_mcp")]
-    for logger in watched:
-        logger.addHandler(seen)
+    caplog.set_level(logging.WARNING)
     failures: list[StoreUnavailable] = []
     claims = [0]
 
@@ -165,15 +155,13 @@ def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_
         assert met, f"no claim met the race in {stops} stops: {sorted(set(map(str, failures)))}"
         # The caller's error names the server's reason, not only the failures that followed it.
         assert all("terminating connection due to administrator command" in f for f in met), met
-        errors = [r for r in seen.records if r.levelno >= logging.ERROR or r.exc_info]
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
         assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
         # The pool holds no connection left in pipeline mode: every one of them works again.
         wait_for(lambda: _claims_cleanly(store), timeout=30, what="claims after the restart")
         for _ in range(40):
             store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
     finally:
-        for logger in watched:
-            logger.removeHandler(seen)
         store.close()
 
 
