@@ -11,6 +11,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -126,7 +127,7 @@ def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_
     def claim_until_the_database_goes() -> None:
         while True:
             try:
-                store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
+                _claim(store)
                 claims[0] += 1
             except StoreUnavailable as exc:
                 failures.append(exc)
@@ -135,7 +136,7 @@ def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_
     stops = 0
     try:
         while stops < 8 and not any(map(_met_the_stuck_pipeline, failures)):
-            wait_for(lambda: _claims_cleanly(store), timeout=30, what="claims before the stop")
+            wait_for(lambda: _claim(store) is not None, timeout=30, what="claims before the stop")
             failed_before, claims[0] = len(failures), 0
             threads = [threading.Thread(target=claim_until_the_database_goes) for _ in range(16)]
             for thread in threads:
@@ -158,9 +159,9 @@ def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_
         errors = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
         assert not errors, [f"{r.name}: {r.getMessage()}" for r in errors]
         # The pool holds no connection left in pipeline mode: every one of them works again.
-        wait_for(lambda: _claims_cleanly(store), timeout=30, what="claims after the restart")
+        wait_for(lambda: _claim(store) is not None, timeout=30, what="claims after the restart")
         for _ in range(40):
-            store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
+            _claim(store)
     finally:
         store.close()
 
@@ -178,12 +179,9 @@ def _met_the_stuck_pipeline(exc: BaseException) -> bool:
     return any("cannot exit pipeline mode" in str(node) for node in seen)
 
 
-def _claims_cleanly(store: Store) -> bool:
-    try:
-        store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
-    except StoreUnavailable:
-        return False
-    return True
+def _claim(store: Store) -> Any:
+    """One claim of up to 10 due deliveries under a fresh token (a pipeline with its COMMIT)."""
+    return store.claim_due(claim=uuid.uuid4().hex, now=datetime.now(UTC), lease_seconds=30, limit=10)
 
 
 def test_a_sqlite_worker_wakes_within_milliseconds_for_another_process_s_event(
