@@ -60,6 +60,7 @@ RANK = {
     "metrics": 3,
     "signing": 4,
     "http1": 4,
+    "stdio_pipes": 4,
     "inputs": 4,
     "store": 5,
     "migrations": 4,

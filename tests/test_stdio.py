@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import queue
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from mcp import Client, MCPError, StdioServerParameters
@@ -204,3 +211,161 @@ assert gc.get_threshold() == before, gc.get_threshold()
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# --- the wire: pipes on the event loop, anything else through the SDK's threads ------------------
+
+
+class RawStdio:
+    """A `serve` process spoken to line by line, the way an MCP client does on stdio."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], send: Callable[[bytes], None]) -> None:
+        self.proc = proc
+        self._send = send
+        self._lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def send(self, message: dict[str, Any]) -> None:
+        self._send(json.dumps(message).encode() + b"\n")
+
+    def answer(self, request_id: int, timeout: float = 30) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"no answer to request {request_id} within {timeout} s")
+            message = json.loads(line)  # every line on the wire is one whole JSON-RPC message
+            if message.get("id") == request_id:
+                return message
+
+
+def _call(request_id: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+    params = {"name": name, "arguments": arguments}
+    return {"jsonrpc": "2.0", "id": request_id, "method": "tools/call", "params": params}
+
+
+@pytest.mark.parametrize("stdin_kind", ["pipe", "socket"])
+def test_the_stdio_wire_on_pipes_and_on_a_socket(db_url: str, kit: TeamKit, stdin_kind: str):
+    """Pipes (how MCP clients launch a server) are read and written by the event loop; anything
+    else, here a socket as stdin, is served by the SDK's threads. Either way: a request line of
+    300 KB is read whole and answered, the session goes on after it, every line out is one whole
+    message, and closing stdin ends the process cleanly."""
+    env = child_env(db_url, JUSTSCAN_API_KEY=kit.rw.key, JUSTSCAN_LOG_LEVEL="info")
+    command = [sys.executable, "-m", "justscan_mcp", "serve", "--no-dispatcher"]
+    ours, theirs = socket.socketpair() if stdin_kind == "socket" else (None, None)
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdin=theirs.fileno() if theirs is not None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        if theirs is not None:
+            theirs.close()
+        assert ours is not None or proc.stdin is not None
+
+        def send(data: bytes) -> None:
+            if ours is not None:
+                ours.sendall(data)
+            else:
+                assert proc.stdin is not None
+                proc.stdin.write(data)
+                proc.stdin.flush()
+
+        wire = RawStdio(proc, send)
+        info = {"name": "raw", "version": "1"}
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info}
+        wire.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
+        assert wire.answer(1)["result"]["serverInfo"]["name"] == "justscan-webhooks"
+        wire.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        huge = "d" * 300_000
+        wire.send(_call(2, "create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "description": huge}))
+        refused = wire.answer(2)["result"]
+        assert refused["isError"] is True and "description" in refused["content"][0]["text"]
+        wire.send(_call(3, "create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "description": "é"}))
+        made = wire.answer(3)["result"]["structuredContent"]
+        assert made["description"] == "é"
+        wire.send(_call(4, "list_webhooks", {}))
+        assert [w["id"] for w in wire.answer(4)["result"]["structuredContent"]["webhooks"]] == [made["id"]]
+        if ours is not None:
+            ours.shutdown(socket.SHUT_WR)
+        else:
+            assert proc.stdin is not None
+            proc.stdin.close()
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if ours is not None:
+            ours.close()
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    assert code == 0, log
+    served_by = (
+        "pipes read and written on the event loop" if stdin_kind == "pipe" else "reader and writer threads"
+    )
+    assert served_by in log, log
+    assert "Traceback" not in log, log
+    assert kit.webhook_count() == 1
+
+
+PIPE_HARNESS = """
+import asyncio, os, subprocess, sys
+from justscan_mcp.stdio_pipes import pipe_stdio
+
+async def main():
+    async with pipe_stdio() as pipes:
+        lines, out = pipes
+        async for line in lines:
+            print("stray print")
+            sys.stdout.flush()
+            subprocess.run(["echo", "stray child"], check=True)
+            os.write(1, b"stray write\\n")
+            assert sys.stdin.read() == ""
+            await out.write(f"{len(line)} {line.rstrip()[-12:]}\\n")
+            await out.flush()
+    os.write(1, b"after\\n")
+    assert os.get_blocking(0) and os.get_blocking(1)
+
+asyncio.run(main())
+"""
+
+
+def test_the_pipe_wire_is_claimed_while_serving_and_given_back_after():
+    """While serving, fd 1 goes to stderr and fd 0 reads nothing, so a stray print, a child's
+    output or a direct write cannot tear a frame, and nobody else reads the client's requests.
+    A line of 1 MB arrives whole, with no character split between two reads mangled, bad bytes
+    become U+FFFD, a last line without a newline is read; after serving, fd 0 and fd 1 are the wire again,
+    blocking as before."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PIPE_HARNESS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    # 1 MB of two-byte characters from an odd offset, read in pieces of 64 KiB or less: some
+    # pieces end inside a character.
+    proc.stdin.write(b"first!\n" + "é".encode() * 500_000 + b"\n" + b"bad \xff\n" + b"last")
+    proc.stdin.close()
+    assert proc.stdout is not None and proc.stderr is not None
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert proc.wait(timeout=60) == 0, err.decode()
+    assert out.decode().splitlines() == [
+        "7 first!",
+        f"500001 {'é' * 12}",
+        "6 bad \ufffd",
+        "4 last",
+        "after",
+    ]
+    assert err.decode().count("stray print") == 4
+    assert err.decode().count("stray child") == 4
+    assert err.decode().count("stray write") == 4

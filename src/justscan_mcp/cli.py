@@ -253,13 +253,13 @@ def _serve_stdio(settings: Settings, *, dispatcher: bool) -> None:
             f"cannot open the database {_redacted(settings.database_url)}: {exc.message}"
         ) from None
 
-    from justscan_mcp.mcp_server import build_mcp_server
+    from justscan_mcp.mcp_server import build_mcp_server, serve_stdio
 
     server = build_mcp_server(app, fixed_key_id=principal.key_id)
 
     async def main() -> None:
         async with app.lifespan(dispatcher=dispatcher):
-            await server.run_stdio_async()
+            await serve_stdio(server)
 
     anyio.run(main)
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from mcp import MCPError
 from mcp.server import MCPServer
@@ -51,7 +52,10 @@ from justscan_mcp.models import DeliveryPage, Principal, TestOutcome
 from justscan_mcp.service import Service
 from justscan_mcp.service.confirmations import CONFIRMED_TOOLS
 from justscan_mcp.service.operations import OPERATIONS, TOOL_SCOPES, Operation, invoke
+from justscan_mcp.stdio_pipes import pipe_stdio
 from justscan_mcp.threads import in_thread
+
+log = logging.getLogger("justscan_mcp.mcp")
 
 # JSON-RPC error codes for calls the key may not make at all (not tool errors: no tool ran).
 UNAUTHENTICATED_CODE = -32001
@@ -453,6 +457,27 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None, timed: bool =
     server.middleware.append(gate)
     _add_content(server, service)
     return server
+
+
+async def serve_stdio(server: MCPServer[Any]) -> None:
+    """Serve `server` on this process's stdin and stdout until the client closes stdin.
+
+    On pipes the event loop reads and writes them (`stdio_pipes`); on anything else, or should
+    the SDK no longer have the low-level server this needs, the SDK's threaded transport serves.
+    """
+    from mcp.server.stdio import stdio_server
+
+    lowlevel = getattr(server, "_lowlevel_server", None)  # what the SDK's run_stdio_async runs
+    if lowlevel is not None:
+        async with pipe_stdio() as pipes:
+            if pipes is not None:
+                log.info("stdio: pipes read and written on the event loop")
+                # The SDK types its streams as anyio's file wrapper; it only iterates and writes.
+                async with stdio_server(*cast(Any, pipes)) as (read_stream, write_stream):
+                    await lowlevel.run(read_stream, write_stream, lowlevel.create_initialization_options())
+                return
+    log.info("stdio: served through the SDK's reader and writer threads")
+    await server.run_stdio_async()
 
 
 DIAGNOSE_STEPS = """\
