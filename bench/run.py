@@ -543,21 +543,30 @@ def cross_process_latency(tmp: Path, quick: bool) -> None:
 # --- 3. MCP call latency ----------------------------------------------------------------------
 
 
-async def mcp_calls(client: Any, calls: int) -> tuple[list[float], list[float]]:
-    listed, created = [], []
+async def list_calls(client: Any, calls: int) -> list[float]:
+    listed = []
     for _ in range(calls):
         t = time.perf_counter()
         r = await client.call_tool("list_webhooks", {"limit": 50})
         listed.append((time.perf_counter() - t) * 1000)
         assert not r.is_error
-    for i in range(calls // 2):
+    return listed
+
+
+async def create_calls(client: Any, calls: int) -> list[float]:
+    created = []
+    for i in range(calls):
         t = time.perf_counter()
         r = await client.call_tool(
             "create_webhook", {"url": f"https://93.184.216.34/h{i}", "events": ["scan"]}
         )
         created.append((time.perf_counter() - t) * 1000)
         assert not r.is_error
-    return listed, created
+    return created
+
+
+async def mcp_calls(client: Any, calls: int) -> tuple[list[float], list[float]]:
+    return await list_calls(client, calls), await create_calls(client, calls // 2)
 
 
 def mcp_latency(tmp: Path, quick: bool) -> None:
@@ -575,13 +584,28 @@ def mcp_latency(tmp: Path, quick: bool) -> None:
         "JUSTSCAN_API_KEY": key.key,
     }
 
-    async def over_stdio() -> tuple[list[float], list[float]]:
+    async def over_stdio() -> tuple[list[float], list[float], list[float]]:
+        """Ours and the SDK alone (bench/mcp_floor.py, returning the page ours gave), each call
+        timed the same way, in alternating blocks of 10 so both see the same minutes."""
         params = StdioServerParameters(
             command=PY, args=["-m", "justscan_mcp", "serve", "--no-dispatcher"], env=stdio_env
         )
         async with Client(params) as c:
             await mcp_calls(c, 10)  # warm up
-            return await mcp_calls(c, calls)
+            page = tmp / "floor-page.json"
+            page.write_text(
+                json.dumps((await c.call_tool("list_webhooks", {"limit": 50})).structured_content)
+            )
+            floor_params = StdioServerParameters(
+                command=PY, args=[str(ROOT / "bench" / "mcp_floor.py"), str(page)], env=stdio_env
+            )
+            async with Client(floor_params) as floor_client:
+                await list_calls(floor_client, 10)  # warm up
+                listed, floor = [], []
+                for _ in range(calls // 10):
+                    listed += await list_calls(c, 10)
+                    floor += await list_calls(floor_client, 10)
+            return listed, await create_calls(c, calls // 2), floor
 
     def report(transport: str, target_ms: float, listed: list[float], created: list[float]) -> None:
         for name, times in (("list_webhooks (50 of 1,000)", listed), ("create_webhook", created)):
@@ -592,7 +616,19 @@ def mcp_latency(tmp: Path, quick: bool) -> None:
                 pct(times, 50) <= target_ms,
             )
 
-    report("stdio", 8, *asyncio.run(over_stdio()))
+    def floor_row(transport: str, listed: list[float], floor: list[float]) -> None:
+        row(
+            f"MCP list_webhooks (50 of 1,000) over {transport}, the SDK alone returning the same page",
+            f"p50 {pct(floor, 50):.1f} ms, p99 {pct(floor, 99):.1f} ms",
+            "-",
+            None,
+            f"the reference for our row, timed in alternating blocks of 10 calls: ours adds "
+            f"{pct(listed, 50) - pct(floor, 50):+.1f} ms at p50 (bench/mcp_floor.py: no database, key or gate)",
+        )
+
+    listed, created, floor = asyncio.run(over_stdio())
+    report("stdio", 8, listed, created)
+    floor_row("stdio", listed, floor)
 
     port = free_port()
     with process(
@@ -603,16 +639,42 @@ def mcp_latency(tmp: Path, quick: bool) -> None:
         base = f"http://127.0.0.1:{port}"
         wait(lambda: httpx.get(f"{base}/healthz").status_code == 200, 60, "server")
 
-        async def over_http() -> tuple[list[float], list[float], dict[str, float], dict[str, float]]:
-            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key.key}"}, timeout=30)
-            async with Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c:
-                await mcp_calls(c, 10)
-                before = tool_call_series(base)
-                listed, created = await mcp_calls(c, calls)
-                return listed, created, before, tool_call_series(base)
+        floor_port = free_port()
+        floor_url = f"http://127.0.0.1:{floor_port}/mcp"
+        floor_process = process(
+            [PY, str(ROOT / "bench" / "mcp_floor.py"), str(tmp / "floor-page.json"), str(floor_port)],
+            dict(os.environ),
+            tmp / "mcp-floor-http.log",
+        )
 
-        listed, created, before, after = asyncio.run(over_http())
+        async def over_http() -> tuple[
+            list[float], list[float], list[float], dict[str, float], dict[str, float]
+        ]:
+            hc = httpx2.AsyncClient(headers={"Authorization": f"Bearer {key.key}"}, timeout=30)
+            floor_hc = httpx2.AsyncClient(timeout=30)
+            async with (
+                Client(streamable_http_client(f"{base}/mcp", http_client=hc)) as c,
+                Client(streamable_http_client(floor_url, http_client=floor_hc)) as floor_client,
+            ):
+                await mcp_calls(c, 10)
+                await list_calls(floor_client, 10)
+                before = tool_call_series(base)
+                listed, floor = [], []
+                for _ in range(calls // 10):
+                    listed += await list_calls(c, 10)
+                    floor += await list_calls(floor_client, 10)
+                after = tool_call_series(base)
+                return listed, await create_calls(c, calls // 2), floor, before, after
+
+        with floor_process:
+            wait(
+                lambda: socket.create_connection(("127.0.0.1", floor_port), timeout=1).close() or True,
+                60,
+                "floor",
+            )
+            listed, created, floor, before, after = asyncio.run(over_http())
         report("streamable HTTP", 10, listed, created)
+        floor_row("streamable HTTP", listed, floor)
         count = after["count"] - before["count"]
         within = (after["le_0.002"] - before["le_0.002"]) / count
         mean_ms = (after["sum"] - before["sum"]) / count * 1000
