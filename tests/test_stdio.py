@@ -369,3 +369,21 @@ def test_the_pipe_wire_is_claimed_while_serving_and_given_back_after():
     assert err.decode().count("stray print") == 4
     assert err.decode().count("stray child") == 4
     assert err.decode().count("stray write") == 4
+
+
+def test_on_windows_the_sdk_keeps_the_wire(monkeypatch):
+    """Windows' event loop has no pipe transports for fd 0 and fd 1 (and no fcntl): the module
+    must still import there, and hand the wire back to the SDK untouched."""
+    import anyio
+
+    from justscan_mcp import stdio_pipes
+
+    monkeypatch.setattr(stdio_pipes, "_is_pipe", lambda fd: True)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` fails, as it does on Windows
+
+    async def served() -> object:
+        async with stdio_pipes.pipe_stdio() as pipes:
+            return pipes
+
+    assert anyio.run(served) is None

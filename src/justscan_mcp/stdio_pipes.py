@@ -10,15 +10,16 @@ It keeps the SDK's claim on the descriptors: while serving, fd 0 reads the null 
 writes to stderr, so a stray `print()` or a child process cannot tear a frame on the wire, and
 both are put back afterwards. Anything other than a pipe is left to the SDK: a terminal (whose
 blocking mode the user's shell shares), a file, or a socket (a socket used for both directions
-would look closed to asyncio's write-pipe transport whenever input arrives).
+would look closed to asyncio's write-pipe transport whenever input arrives). Windows, whose
+event loop has no such pipes, is left to the SDK too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import os
 import stat
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
@@ -80,14 +81,16 @@ class PipeWriter:
 @asynccontextmanager
 async def pipe_stdio() -> AsyncIterator[tuple[PipeLines, PipeWriter] | None]:
     """The wire's lines and a writer for it, served by the event loop; None (and the standard
-    streams untouched) unless fd 0 and fd 1 are both pipes.
+    streams untouched) unless fd 0 and fd 1 are both pipes, on a POSIX system.
 
     Raises:
         OSError: the descriptors could not be duplicated or diverted (nothing is left diverted).
     """
-    if not (_is_pipe(0) and _is_pipe(1)):
+    if sys.platform == "win32" or not (_is_pipe(0) and _is_pipe(1)):
         yield None
         return
+    import fcntl  # POSIX only: imported here so that the module still imports on Windows
+
     loop = asyncio.get_running_loop()
     # The wire moves above the standard range (close-on-exec: children never get it): one copy
     # for the transports, which close theirs when the client does, one to put back afterwards.
