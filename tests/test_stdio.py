@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import socket
@@ -387,3 +388,56 @@ def test_on_windows_the_sdk_keeps_the_wire(monkeypatch):
             return pipes
 
     assert anyio.run(served) is None
+
+
+@pytest.mark.parametrize("stdin_kind", ["pipe", "socket"])
+def test_a_client_that_stops_reading_ends_the_server_with_one_line(
+    db_url: str, kit: TeamKit, stdin_kind: str
+):
+    """A client that crashes or closes our stdout while calls are under way: the server must not
+    linger (with the dispatcher it would keep sending for a client that is gone) nor end in a
+    traceback in the desktop client's log. It says so in one line and exits normally."""
+    env = child_env(db_url, JUSTSCAN_API_KEY=kit.rw.key)
+    ours, theirs = socket.socketpair() if stdin_kind == "socket" else (None, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "justscan_mcp", "serve"],
+        env=env,
+        stdin=theirs.fileno() if theirs is not None else subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        if theirs is not None:
+            theirs.close()
+
+        def send(message: dict[str, Any]) -> None:
+            data = json.dumps(message).encode() + b"\n"
+            if ours is not None:
+                ours.sendall(data)
+            else:
+                assert proc.stdin is not None
+                proc.stdin.write(data)
+                proc.stdin.flush()
+
+        info = {"name": "raw", "version": "1"}
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info}
+        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
+        assert proc.stdout is not None
+        assert json.loads(proc.stdout.readline())["id"] == 1
+        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        proc.stdout.close()  # the client stops reading; stdin stays open
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may be gone already
+            for i in range(20):
+                send(_call(10 + i, "list_webhooks", {"limit": 100}))
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if ours is not None:
+            ours.close()
+    assert proc.stderr is not None
+    log = proc.stderr.read().decode()
+    assert code == 0, log
+    assert "Traceback" not in log, log
+    assert "the client stopped reading our answers" in log

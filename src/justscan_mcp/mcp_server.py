@@ -460,11 +460,19 @@ def build_mcp_server(app: App, *, fixed_key_id: int | None = None, timed: bool =
 
 
 async def serve_stdio(server: MCPServer[Any]) -> None:
-    """Serve `server` on this process's stdin and stdout until the client closes stdin.
+    """Serve `server` on this process's stdin and stdout until the client closes stdin, or stops
+    reading stdout (then one warning, and a normal return: the client is gone, nothing failed here).
 
     On pipes the event loop reads and writes them (`stdio_pipes`); on anything else, or should
     the SDK no longer have the low-level server this needs, the SDK's threaded transport serves.
     """
+    try:
+        await _serve_stdio(server)
+    except* (BrokenPipeError, ConnectionResetError):
+        log.warning("stdio: the client stopped reading our answers; shutting down")
+
+
+async def _serve_stdio(server: MCPServer[Any]) -> None:
     from mcp.server.stdio import stdio_server
 
     lowlevel = getattr(server, "_lowlevel_server", None)  # what the SDK's run_stdio_async runs
