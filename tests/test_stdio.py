@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -218,23 +217,53 @@ assert gc.get_threshold() == before, gc.get_threshold()
 
 
 class RawStdio:
-    """A `serve` process spoken to line by line, the way an MCP client does on stdio."""
+    """A `serve` process spoken to line by line, the way an MCP client does on stdio, with stdin
+    a pipe or (served by the SDK's threads) a socket. `lines()` starts reading its stdout."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], send: Callable[[bytes], None]) -> None:
-        self.proc = proc
-        self._send = send
-        self._lines: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line)
+    def __init__(self, env: dict[str, str], stdin_kind: str) -> None:
+        self._socket, theirs = socket.socketpair() if stdin_kind == "socket" else (None, None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "serve"],
+            env=env,
+            stdin=theirs.fileno() if theirs is not None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if theirs is not None:
+            theirs.close()
+        self._lines: queue.Queue[bytes] | None = None
 
     def send(self, message: dict[str, Any]) -> None:
-        self._send(json.dumps(message).encode() + b"\n")
+        data = json.dumps(message).encode() + b"\n"
+        if self._socket is not None:
+            self._socket.sendall(data)
+        else:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+
+    def initialize(self) -> None:
+        info = {"name": "raw", "version": "1"}
+        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info}
+        self.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
+        assert self.proc.stdout is not None
+        assert json.loads(self.proc.stdout.readline())["result"]["serverInfo"]["name"] == "justscan-webhooks"
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+
+    def close_input(self) -> None:
+        if self._socket is not None:
+            self._socket.shutdown(socket.SHUT_WR)
+        else:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
 
     def answer(self, request_id: int, timeout: float = 30) -> dict[str, Any]:
+        if self._lines is None:
+            lines: queue.Queue[bytes] = queue.Queue()
+            assert self.proc.stdout is not None
+            out = self.proc.stdout
+            threading.Thread(target=lambda: [lines.put(line) for line in out], daemon=True).start()
+            self._lines = lines
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -244,6 +273,19 @@ class RawStdio:
             message = json.loads(line)  # every line on the wire is one whole JSON-RPC message
             if message.get("id") == request_id:
                 return message
+
+    def finish(self, timeout: float = 30) -> tuple[int, str]:
+        """The exit code (killed if still running after `timeout`) and everything on stderr."""
+        try:
+            self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            if self._socket is not None:
+                self._socket.close()
+        assert self.proc.stderr is not None
+        return self.proc.returncode, self.proc.stderr.read().decode()
 
 
 def _call(request_id: int, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
@@ -257,35 +299,9 @@ def test_the_stdio_wire_on_pipes_and_on_a_socket(db_url: str, kit: TeamKit, stdi
     else, here a socket as stdin, is served by the SDK's threads. Either way: a request line of
     300 KB is read whole and answered, the session goes on after it, every line out is one whole
     message, and closing stdin ends the process cleanly."""
-    env = child_env(db_url, JUSTSCAN_API_KEY=kit.rw.key, JUSTSCAN_LOG_LEVEL="info")
-    command = [sys.executable, "-m", "justscan_mcp", "serve", "--no-dispatcher"]
-    ours, theirs = socket.socketpair() if stdin_kind == "socket" else (None, None)
-    proc = subprocess.Popen(
-        command,
-        env=env,
-        stdin=theirs.fileno() if theirs is not None else subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    wire = RawStdio(child_env(db_url, JUSTSCAN_API_KEY=kit.rw.key, JUSTSCAN_LOG_LEVEL="info"), stdin_kind)
     try:
-        if theirs is not None:
-            theirs.close()
-        assert ours is not None or proc.stdin is not None
-
-        def send(data: bytes) -> None:
-            if ours is not None:
-                ours.sendall(data)
-            else:
-                assert proc.stdin is not None
-                proc.stdin.write(data)
-                proc.stdin.flush()
-
-        wire = RawStdio(proc, send)
-        info = {"name": "raw", "version": "1"}
-        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info}
-        wire.send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
-        assert wire.answer(1)["result"]["serverInfo"]["name"] == "justscan-webhooks"
-        wire.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        wire.initialize()
         huge = "d" * 300_000
         wire.send(_call(2, "create_webhook", {"url": PUBLIC_URL, "events": ["scan"], "description": huge}))
         refused = wire.answer(2)["result"]
@@ -295,20 +311,9 @@ def test_the_stdio_wire_on_pipes_and_on_a_socket(db_url: str, kit: TeamKit, stdi
         assert made["description"] == "é"
         wire.send(_call(4, "list_webhooks", {}))
         assert [w["id"] for w in wire.answer(4)["result"]["structuredContent"]["webhooks"]] == [made["id"]]
-        if ours is not None:
-            ours.shutdown(socket.SHUT_WR)
-        else:
-            assert proc.stdin is not None
-            proc.stdin.close()
-        code = proc.wait(timeout=30)
+        wire.close_input()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if ours is not None:
-            ours.close()
-    assert proc.stderr is not None
-    log = proc.stderr.read().decode()
+        code, log = wire.finish()
     assert code == 0, log
     served_by = (
         "pipes read and written on the event loop" if stdin_kind == "pipe" else "reader and writer threads"
@@ -397,47 +402,16 @@ def test_a_client_that_stops_reading_ends_the_server_with_one_line(
     """A client that crashes or closes our stdout while calls are under way: the server must not
     linger (with the dispatcher it would keep sending for a client that is gone) nor end in a
     traceback in the desktop client's log. It says so in one line and exits normally."""
-    env = child_env(db_url, JUSTSCAN_API_KEY=kit.rw.key)
-    ours, theirs = socket.socketpair() if stdin_kind == "socket" else (None, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "justscan_mcp", "serve"],
-        env=env,
-        stdin=theirs.fileno() if theirs is not None else subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    wire = RawStdio(child_env(db_url, JUSTSCAN_API_KEY=kit.rw.key), stdin_kind)
     try:
-        if theirs is not None:
-            theirs.close()
-
-        def send(message: dict[str, Any]) -> None:
-            data = json.dumps(message).encode() + b"\n"
-            if ours is not None:
-                ours.sendall(data)
-            else:
-                assert proc.stdin is not None
-                proc.stdin.write(data)
-                proc.stdin.flush()
-
-        info = {"name": "raw", "version": "1"}
-        params = {"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": info}
-        send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": params})
-        assert proc.stdout is not None
-        assert json.loads(proc.stdout.readline())["id"] == 1
-        send({"jsonrpc": "2.0", "method": "notifications/initialized"})
-        proc.stdout.close()  # the client stops reading; stdin stays open
+        wire.initialize()
+        assert wire.proc.stdout is not None
+        wire.proc.stdout.close()  # the client stops reading; stdin stays open
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # it may be gone already
             for i in range(20):
-                send(_call(10 + i, "list_webhooks", {"limit": 100}))
-        code = proc.wait(timeout=30)
+                wire.send(_call(10 + i, "list_webhooks", {"limit": 100}))
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if ours is not None:
-            ours.close()
-    assert proc.stderr is not None
-    log = proc.stderr.read().decode()
+        code, log = wire.finish()
     assert code == 0, log
     assert "Traceback" not in log, log
     assert "the client stopped reading our answers" in log
