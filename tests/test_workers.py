@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -34,15 +35,17 @@ def receiver():
         yield r
 
 
+DISPATCHER_SETTINGS = {
+    "JUSTSCAN_ALLOW_PRIVATE_TARGETS": "1",
+    "JUSTSCAN_POLL_INTERVAL": "0.05",
+    "JUSTSCAN_RETRY_SCHEDULE": "0.2,0.4,0.6",
+    "JUSTSCAN_DELIVERY_TIMEOUT": "5",
+    "JUSTSCAN_LEASE_MARGIN": "1",
+}
+
+
 def start_worker(db_url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
-    settings = {
-        "JUSTSCAN_ALLOW_PRIVATE_TARGETS": "1",
-        "JUSTSCAN_POLL_INTERVAL": "0.05",
-        "JUSTSCAN_RETRY_SCHEDULE": "0.2,0.4,0.6",
-        "JUSTSCAN_DELIVERY_TIMEOUT": "5",
-        "JUSTSCAN_LEASE_MARGIN": "1",
-    } | env
-    return spawn_worker(child_env(db_url, **settings), log)
+    return spawn_worker(child_env(db_url, **(DISPATCHER_SETTINGS | env)), log)
 
 
 stop = stop_process
@@ -152,12 +155,33 @@ def test_a_worker_killed_mid_batch_loses_nothing(db_url, recorder, receiver, tmp
             stop(second)
 
 
-def test_sigterm_finishes_in_flight_sends_and_marks_only_what_arrived(db_url, recorder, receiver, tmp_path):
+def start_stdio_server(db_url: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`serve` over stdio, which runs the dispatcher too; its stdin stays open (a client that
+    has not quit), its stderr goes to `log`."""
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "justscan_mcp", "serve"],
+            env=child_env(db_url, **(DISPATCHER_SETTINGS | {"JUSTSCAN_LOG_LEVEL": "info"} | env)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+
+
+@pytest.mark.parametrize("process", ["worker", "stdio serve"])
+def test_sigterm_finishes_in_flight_sends_and_marks_only_what_arrived(
+    db_url, recorder, receiver, tmp_path, process
+):
+    """A worker, and `serve` over stdio (an MCP client sends SIGTERM to a server that has not
+    exited after stdin closed): no new claims, the sends in flight finish and are saved."""
     kit, hook = setup_hook(recorder, receiver, "/term")
     receiver.expect("/term", *[Reply(200, delay=1.5)] * 5)
-    worker = start_worker(
-        db_url, tmp_path / "term.log", JUSTSCAN_MAX_IN_FLIGHT="5", JUSTSCAN_MAX_IN_FLIGHT_PER_WEBHOOK="5"
-    )
+    caps = {"JUSTSCAN_MAX_IN_FLIGHT": "5", "JUSTSCAN_MAX_IN_FLIGHT_PER_WEBHOOK": "5"}
+    log = tmp_path / "term.log"
+    if process == "worker":
+        worker = start_worker(db_url, log, **caps)
+    else:
+        worker = start_stdio_server(db_url, log, JUSTSCAN_API_KEY=kit.rw.key, **caps)
     try:
         for i in range(12):
             recorder.service.emit_event(
@@ -165,7 +189,7 @@ def test_sigterm_finishes_in_flight_sends_and_marks_only_what_arrived(db_url, re
             )
         wait_for(lambda: len(receiver.at("/term")) >= 5, timeout=30, what="5 sends in flight")
         worker.send_signal(signal.SIGTERM)
-        assert worker.wait(timeout=20) == 0
+        assert worker.wait(timeout=20) == 0, log.read_text()
     finally:
         stop(worker)
     counts = states(recorder, hook.id)
@@ -186,4 +210,4 @@ def test_sigterm_finishes_in_flight_sends_and_marks_only_what_arrived(db_url, re
     assert counts["succeeded"] >= 5  # the in-flight sends finished and were saved
     assert succeeded <= arrived  # nothing is marked delivered that did not arrive
     assert counts["succeeded"] + counts["pending"] == 12 and leased == 0
-    assert "finishing in-flight deliveries" in (tmp_path / "term.log").read_text()
+    assert "finishing in-flight deliveries" in log.read_text()

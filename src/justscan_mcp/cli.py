@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -258,10 +259,28 @@ def _serve_stdio(settings: Settings, *, dispatcher: bool) -> None:
     server = build_mcp_server(app, fixed_key_id=principal.key_id)
 
     async def main() -> None:
-        async with app.lifespan(dispatcher=dispatcher):
-            await serve_stdio(server)
+        # SIGTERM is how an MCP client stops a server that has not exited after stdin closed: it
+        # ends the session as EOF does, and the lifespan then finishes in-flight deliveries, as a
+        # worker's does. (It used to kill the process where it stood.)
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with app.lifespan(dispatcher=dispatcher), anyio.create_task_group() as tg:
+
+                async def until_signalled() -> None:
+                    await _stop_signal(signals)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until_signalled)
+                await serve_stdio(server)
+                tg.cancel_scope.cancel()
 
     anyio.run(main)
+
+
+async def _stop_signal(signals: Any) -> None:
+    """Wait for the first stop signal from `signals`, and say what happens next."""
+    async for signum in signals:
+        log.info("received %s; finishing in-flight deliveries", signal.Signals(signum).name)
+        return
 
 
 def _serve_http(args: argparse.Namespace, settings: Settings) -> None:
@@ -460,8 +479,6 @@ def cmd_deliveries(args: argparse.Namespace) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> None:
-    import signal
-
     import anyio
 
     from justscan_mcp.app import App
@@ -481,9 +498,7 @@ def cmd_worker(args: argparse.Namespace) -> None:
                     tg.start_soon(probes.serve)
                 async with app.lifespan(dispatcher=True):
                     log.info("worker running; stop with SIGTERM")
-                    async for signum in signals:
-                        log.info("received %s; finishing in-flight deliveries", signal.Signals(signum).name)
-                        break
+                    await _stop_signal(signals)
                 if probes is not None:
                     probes.should_exit = True
 
