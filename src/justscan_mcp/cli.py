@@ -261,7 +261,7 @@ def _serve_stdio(settings: Settings, *, dispatcher: bool) -> None:
     async def main() -> None:
         # SIGTERM is how an MCP client stops a server that has not exited after stdin closed: it
         # ends the session as EOF does, and the lifespan then finishes in-flight deliveries, as a
-        # worker's does. (It used to kill the process where it stood.)
+        # worker's does, instead of leaving them to their leases.
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             async with app.lifespan(dispatcher=dispatcher), anyio.create_task_group() as tg:
 
