@@ -240,7 +240,7 @@ class EventUseCases(UseCases):
         try:
             stored = list(
                 self.store.record_events_by_keys(
-                    key_hashes=sorted(set(hashes.values())), build=build, now=now
+                    key_hashes=sorted(set(hashes.values())), build=build, most=len(requests), now=now
                 )
             )
         except (Conflict, InvalidInput):

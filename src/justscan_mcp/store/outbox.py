@@ -156,19 +156,20 @@ class Outbox(Database):
         if not items:
             return []
         with self._driver(write=True) as cur:
-            return self._record_many(cur, items, now)
+            return self._record_many(cur, items, now, commit=True)
 
     def record_events_by_keys(
         self,
         *,
         key_hashes: Sequence[str],
         build: Callable[[Mapping[str, KeyRow]], Sequence[NewEvent]],
+        most: int,
         now: datetime,
     ) -> list[tuple[int, list[int]]]:
         """The group commit's transaction: read the API keys with these hashes, let `build` turn
-        them into the events to record (it refuses what they may not do), and record those, all
-        in one transaction: one key lookup per batch of requests, not one per request. Returns,
-        per event built, its id and delivery ids.
+        them into the events to record (at most `most`; it refuses what the keys may not do),
+        and record those, all in one transaction: one key lookup per batch of requests, not one
+        per request. Returns, per event built, its id and delivery ids.
 
         Raises:
             StoreUnavailable. Conflict, InvalidInput: as record_events (nothing is recorded).
@@ -179,13 +180,16 @@ class Outbox(Database):
                 f" FROM api_keys WHERE key_hash IN ({self._marks(len(key_hashes))})"
             )
             hooks = None
+            event_pool = None
             if not key_hashes:
                 rows: list[Any] = []
             elif self.backend == "postgresql":
-                # The keys and their teams' webhooks in one round trip (BEGIN rides along).
+                # The keys, their teams' webhooks and the event ids in one round trip, after
+                # psycopg's BEGIN (a round trip of its own): ids for `most` events and as many
+                # first_scans, the unused ones gaps. Four in all (tests/test_round_trips.py).
                 conn = cur.connection
                 with conn.pipeline():
-                    kc, hc = conn.cursor(), conn.cursor()
+                    kc, hc, ic = conn.cursor(), conn.cursor(), conn.cursor()
                     kc.execute(keys_sql, list(key_hashes))
                     hc.execute(
                         self._hooks_sql(
@@ -193,8 +197,10 @@ class Outbox(Database):
                         ),
                         list(key_hashes),
                     )
-                    rows = kc.fetchall()
-                    hooks = self._hooks_of(hc.fetchall())
+                    ic.execute(self._IDS_SQL.format(table="events"), (2 * most,))
+                rows = kc.fetchall()
+                hooks = self._hooks_of(hc.fetchall())
+                event_pool = list(ic.fetchone()[0])
             else:
                 cur.execute(keys_sql, list(key_hashes))
                 rows = cur.fetchall()
@@ -211,7 +217,11 @@ class Outbox(Database):
                 for key_hash, kid, team, scopes, revoked, used, prefix in rows
             }
             items = list(build(keys))
-            return self._record_many(cur, items, now, hooks=hooks) if items else []
+            if len(items) > most:
+                raise ValueError(f"build returned {len(items)} events, more than most={most}")
+            if not items:
+                return []
+            return self._record_many(cur, items, now, hooks=hooks, event_pool=event_pool, commit=True)
 
     def _hooks_sql(self, teams: str) -> str:
         """The active webhooks of the teams `teams` (a list of placeholders, or a subquery)."""
@@ -234,38 +244,58 @@ class Outbox(Database):
         now: datetime,
         *,
         hooks: dict[int, list[tuple[int, list[str]]]] | None = None,
+        event_pool: Sequence[int] | None = None,
+        commit: bool = False,
     ) -> list[tuple[int, list[int]]]:
         """The body of `record_events`, on a driver cursor inside the caller's write transaction
-        (`hooks`: the teams' active webhooks when the caller has read them already).
+        (`hooks`: the teams' active webhooks when the caller has read them already;
+        `event_pool`: PostgreSQL ids for the events and their first_scans, likewise; `commit`:
+        the last statements end the transaction, so its COMMIT rides with them).
 
-        On PostgreSQL the statements go in three round trips (psycopg's pipeline mode): the ids
-        of both tables from their sequences (for every possible first_scan too; unused ones are
-        gaps), then the events with the first_scans claim, then the first_scan events, the
-        deliveries and the NOTIFY. SQLite runs them one by one in C, on a local file."""
+        On PostgreSQL the statements go in three round trips (psycopg's pipeline mode; plus its
+        BEGIN when they start the transaction), two when the caller's first one read the
+        webhooks and the event ids: the webhooks and the event ids from their sequence (for
+        every possible first_scan too; unused ones are gaps); the delivery ids, the events and
+        the first_scans claim; the first_scan events, the deliveries, the NOTIFY and the COMMIT. SQLite runs them one by one in C, on a local file."""
         pg = self.backend == "postgresql"
         m = self._mark
-        if hooks is None:
-            teams = sorted({it.team_id for it in items})
-            cur.execute(self._hooks_sql(self._marks(len(teams))), teams)
-            hooks = self._hooks_of(cur.fetchall())
-        stamp = self._dt_bind(now)
-
-        def subscribed(team: int, name: str) -> list[int]:
-            return [hook for hook, events in hooks.get(team, []) if name in events]
-
         # The first scan of each (team, QR code) not yet seen, earliest in the batch first.
         firsts: dict[tuple[int, int], int] = {}
         for n, it in enumerate(items):
             if it.first_scan is not None:
                 firsts.setdefault((it.team_id, it.first_scan[0]), n)
-        event_pool: list[int] = []
-        delivery_pool: list[int] = []
-        if pg:
-            most = sum(len(subscribed(it.team_id, it.event)) for it in items) + sum(
-                len(subscribed(team, "first_scan")) for team, _ in firsts
-            )
-            event_pool, delivery_pool = self._new_ids(cur, len(items) + len(firsts), most)
+        teams = sorted({it.team_id for it in items})
+        if pg and (hooks is None or event_pool is None):
+            with cur.connection.pipeline():
+                hc, ic = cur.connection.cursor(), cur.connection.cursor()
+                if hooks is None:
+                    hc.execute(self._hooks_sql(self._marks(len(teams))), teams)
+                if event_pool is None:
+                    ic.execute(self._IDS_SQL.format(table="events"), (len(items) + len(firsts),))
+            if hooks is None:
+                hooks = self._hooks_of(hc.fetchall())
+            if event_pool is None:
+                event_pool = list(ic.fetchone()[0])
+        elif hooks is None:
+            cur.execute(self._hooks_sql(self._marks(len(teams))), teams)
+            hooks = self._hooks_of(cur.fetchall())
+        assert hooks is not None
+        found = hooks
+        stamp = self._dt_bind(now)
+
+        def subscribed(team: int, name: str) -> list[int]:
+            return [hook for hook, events in found.get(team, []) if name in events]
+
+        event_pool = event_pool or []
+        assert not pg or len(event_pool) >= len(items) + len(firsts)
+        pool_cursor = claim = None
         with self._pipeline(cur):
+            if pg:
+                most = sum(len(subscribed(it.team_id, it.event)) for it in items) + sum(
+                    len(subscribed(team, "first_scan")) for team, _ in firsts
+                )
+                pool_cursor = cur.connection.cursor()
+                pool_cursor.execute(self._IDS_SQL.format(table="deliveries"), (most,))
             event_ids = self._insert_events(
                 cur, [(it.team_id, it.event, it.payload) for it in items], stamp, event_pool
             )
@@ -288,14 +318,16 @@ class Outbox(Database):
                         + " ON CONFLICT DO NOTHING RETURNING team_id, qr_code_id",
                         [v for r in rows for v in r],
                     )
-                won = sorted(firsts[(team, qr)] for team, qr in claim.fetchall())
+        if claim is not None:
+            won = sorted(firsts[(team, qr)] for team, qr in claim.fetchall())
+        delivery_pool: list[int] = list(pool_cursor.fetchone()[0]) if pool_cursor is not None else []
         first_rows = []
         for n in won:
             first = items[n].first_scan
             assert first is not None
             payload = first[1]  # built only for the scans that are first
             first_rows.append((items[n].team_id, "first_scan", payload() if callable(payload) else payload))
-        with self._pipeline(cur):
+        with self._pipeline(cur, commit=commit):
             first_ids = self._insert_events(cur, first_rows, stamp, event_pool[len(items) :])
             # Deliveries: the events in order, each followed by its first_scan's.
             wanted: list[tuple[int, int, int, str]] = []  # (item, webhook, event id, name) per delivery
@@ -318,30 +350,28 @@ class Outbox(Database):
 
     @contextlib.contextmanager
     def _pipeline(self, cur: Any, *, commit: bool = False) -> Iterator[None]:
-        """PostgreSQL: the statements of the block in one round trip; elsewhere nothing.
+        """PostgreSQL: the statements of the block in one round trip; elsewhere nothing. Read
+        their results after the block: a fetch inside it costs a round trip of its own (a flush
+        request and its wait) before the block's closing sync and its wait.
 
         `commit=True` sends the transaction's COMMIT in the same round trip, for a block that
-        ends the transaction (`_driver`'s own commit then finds nothing left to do). Results
-        read after the block were committed."""
+        ends the transaction (`_driver`'s own commit then finds nothing left to do). It goes as
+        a statement: psycopg's `commit()` syncs and waits, and the block's exit syncs and waits
+        again. Results read after the block were committed."""
         if self.backend != "postgresql":
             yield
             return
         with cur.connection.pipeline():
             yield
             if commit:
-                cur.connection.commit()
+                # On a cursor of its own: `cur` keeps the last result of the block for reading.
+                cur.connection.execute("COMMIT")
 
-    def _new_ids(self, cur: Any, events: int, deliveries: int) -> tuple[list[int], list[int]]:
-        """PostgreSQL: ids for that many events and deliveries from the tables' sequences in one
-        round trip, so rows inserted in one statement are known by id without relying on the
-        order of RETURNING."""
-        cur.execute(
-            "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('events', 'id')) FROM generate_series(1, %s)),"
-            " ARRAY(SELECT nextval(pg_get_serial_sequence('deliveries', 'id')) FROM generate_series(1, %s))",
-            (events, deliveries),
-        )
-        got = cur.fetchone()
-        return list(got[0]), list(got[1])
+    # PostgreSQL: n ids from a table's sequence in one statement, so rows inserted in one
+    # statement are known by id without relying on the order of RETURNING.
+    _IDS_SQL = (
+        "SELECT ARRAY(SELECT nextval(pg_get_serial_sequence('{table}', 'id')) FROM generate_series(1, %s))"
+    )
 
     def _insert_events(
         self, cur: Any, rows: Sequence[tuple[int, str, bytes]], stamp: Any, ids: Sequence[int]
@@ -547,10 +577,11 @@ class Outbox(Database):
         )
         with self._driver(write=True) as cur:
             if self.backend == "postgresql":
-                # One round trip: the settings, the lease with the rows' send columns in one
-                # statement (a CTE), and the commit, sent as a pipeline. Under load each round trip
-                # waits for a CPU beside the sends and the receiver, and the claim's six (with the
-                # pool's ping) kept a dozen sends in flight of the 48 a webhook may have.
+                # Two round trips (tests/test_round_trips.py counts them): psycopg's BEGIN, which
+                # it sends and waits for alone, then one pipeline of the settings, the lease with
+                # the rows' send columns in one statement (a CTE), and the COMMIT. Under load each
+                # round trip waits for a CPU beside the sends and the receiver, and the claim's six
+                # (with the pool's ping) kept a dozen sends in flight of the 48 a webhook may have.
                 with self._pipeline(cur, commit=True):
                     # Only an ordered walk of the partial index is right at every backlog size,
                     # but the planner judges by statistics, and a burst outruns autovacuum's
@@ -739,8 +770,9 @@ class Outbox(Database):
         ids = [r.delivery_id for r in results]
         lock = " FOR UPDATE OF d" if self.backend == "postgresql" else ""
         with self._driver(write=True) as cur:
-            # PostgreSQL: two round trips, the lock (with the BEGIN) and the writes with the
-            # COMMIT. Under load each round trip waits for a CPU beside the sends and the receiver.
+            # PostgreSQL: three round trips (counted in tests/test_round_trips.py), psycopg's
+            # BEGIN, the lock, and the writes with the COMMIT. Under load each round trip waits
+            # for a CPU beside the sends and the receiver.
             # The webhook's streak is read with the lock (the webhook row itself is not locked).
             with self._pipeline(cur):
                 cur.execute(
