@@ -296,11 +296,14 @@ class FastIngest:
         self.api = api
         self.service = justscan.service
         self.commit: GroupCommit[IngestRequest, EmitResult | JustScanError] = GroupCommit(
-            # Two batches in flight on PostgreSQL, where one's round trips hide the other's
-            # (measured, POST /events, 20 clients, 3 runs each: median 1,918/s with one writer,
-            # 2,081/s with two, 1,859/s with four); SQLite has one writer anyway.
+            # One batch in flight on both databases. PostgreSQL had two, so one batch's round
+            # trips would hide the other's (median 1,918/s with one writer against 2,081/s with
+            # two, when a batch took eight round trips); with four, a batch's fixed cost (0.7 ms
+            # of CPU for one event, 1.1 ms for twenty) is what counts, and one writer's bigger
+            # batches pay it less often: 2,990 to 3,075/s against 2,619 to 2,690/s in five
+            # alternated pairs, p99 8.3 to 9.2 ms against 11.5 to 14.6 (20 clients).
             self.service.ingest,
-            writers=2 if justscan.store.backend == "postgresql" else 1,
+            writers=1,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
