@@ -256,7 +256,8 @@ class Outbox(Database):
         BEGIN when they start the transaction), two when the caller's first one read the
         webhooks and the event ids: the webhooks and the event ids from their sequence (for
         every possible first_scan too; unused ones are gaps); the delivery ids, the events and
-        the first_scans claim; the first_scan events, the deliveries, the NOTIFY and the COMMIT. SQLite runs them one by one in C, on a local file."""
+        the first_scans claim; the first_scan events, the deliveries, the NOTIFY and the COMMIT.
+        SQLite runs them one by one in C, on a local file."""
         pg = self.backend == "postgresql"
         m = self._mark
         # The first scan of each (team, QR code) not yet seen, earliest in the batch first.
