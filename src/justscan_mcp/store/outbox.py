@@ -188,7 +188,7 @@ class Outbox(Database):
                 # psycopg's BEGIN (a round trip of its own): ids for `most` events and as many
                 # first_scans, the unused ones gaps. Four in all (tests/test_round_trips.py).
                 conn = cur.connection
-                with conn.pipeline():
+                with self._pipeline(cur):
                     kc, hc, ic = conn.cursor(), conn.cursor(), conn.cursor()
                     kc.execute(keys_sql, list(key_hashes))
                     hc.execute(
@@ -267,7 +267,7 @@ class Outbox(Database):
                 firsts.setdefault((it.team_id, it.first_scan[0]), n)
         teams = sorted({it.team_id for it in items})
         if pg and (hooks is None or event_pool is None):
-            with cur.connection.pipeline():
+            with self._pipeline(cur):
                 hc, ic = cur.connection.cursor(), cur.connection.cursor()
                 if hooks is None:
                     hc.execute(self._hooks_sql(self._marks(len(teams))), teams)
