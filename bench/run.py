@@ -66,6 +66,12 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
+def median_by(runs: list[Any], key: Any) -> Any:
+    """The run whose `key` is the median (the upper one of an even count); its other figures go
+    with it."""
+    return sorted(runs, key=key)[len(runs) // 2]
+
+
 def wait(predicate: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -332,7 +338,7 @@ def throughput(tmp: Path, quick: bool) -> None:
                 if not runs:
                     row(name, "not run", "-", None, "no PostgreSQL configured")
                     continue
-                rate, ratio = sorted(runs, key=lambda r: r[1])[len(runs) // 2]
+                rate, ratio = median_by(runs, key=lambda r: r[1])
                 all_ratios = ", ".join(f"{r:.2f}" for _, r in runs)
                 row(
                     name,
@@ -417,6 +423,7 @@ def latency(tmp: Path, quick: bool) -> None:
 
 INGEST_CLIENTS = 20
 BATCH_CLIENTS = 4
+INGEST_ROUNDS = 3  # each ingest row is the median of this many runs
 
 
 async def post_events(
@@ -510,7 +517,7 @@ def ingest_on(kind: str, tmp: Path, n: int, target: int, floor_base: str) -> Non
             for _ in range(INGEST_ROUNDS):
                 floors.append(asyncio.run(post_events(floor_base, key.key, n)))
                 ours.append(asyncio.run(post_events(base, key.key, n)))
-            got, floor = median_run(ours), median_run(floors)
+            got, floor = median_by(ours, key=by_rate), median_by(floors, key=by_rate)
             statuses = merged_statuses(ours)
             row(
                 f"POST /api/v1/events, {kind}",
@@ -534,7 +541,7 @@ def ingest_on(kind: str, tmp: Path, n: int, target: int, floor_base: str) -> Non
                 asyncio.run(post_events(base, key.key, n * 5, batch=1000, clients=BATCH_CLIENTS))
                 for _ in range(INGEST_ROUNDS)
             ]
-            batched = median_run(batches)
+            batched = median_by(batches, key=by_rate)
             row(
                 f"POST /api/v1/events/batch, {kind}",
                 f"{batched['rate']:,.0f} events/s, p50 {batched['p50']:.0f} ms per batch",
@@ -545,12 +552,8 @@ def ingest_on(kind: str, tmp: Path, n: int, target: int, floor_base: str) -> Non
             )
 
 
-INGEST_ROUNDS = 3
-
-
-def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The run with the median rate (its own latencies go with it)."""
-    return sorted(runs, key=lambda r: r["rate"])[len(runs) // 2]
+def by_rate(run: dict[str, Any]) -> float:
+    return float(run["rate"])
 
 
 def rates(runs: list[dict[str, Any]]) -> str:
