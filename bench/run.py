@@ -518,14 +518,13 @@ def ingest_on(kind: str, tmp: Path, n: int, target: int, floor_base: str) -> Non
                 floors.append(asyncio.run(post_events(floor_base, key.key, n)))
                 ours.append(asyncio.run(post_events(base, key.key, n)))
             got, floor = median_by(ours, key=by_rate), median_by(floors, key=by_rate)
-            statuses = merged_statuses(ours)
             row(
                 f"POST /api/v1/events, {kind}",
                 f"{got['rate']:,.0f} events/s, p50 {got['p50']:.1f} ms, p99 {got['p99']:.1f} ms",
                 f"≥ {target:,}/s, p99 ≤ 50 ms",
                 got["rate"] >= target and got["p99"] <= 50,
                 f"{n:,} events, one per request, {INGEST_CLIENTS} keep-alive clients; median of "
-                f"{len(ours)} runs ({rates(ours)} events/s); answers {statuses}",
+                f"{len(ours)} runs ({rates(ours)} events/s); answers {merged_statuses(ours)}",
             )
             row(
                 f"POST /api/v1/events, {kind}: the HTTP stack alone, just before",
