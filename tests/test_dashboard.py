@@ -225,16 +225,18 @@ def test_filters_are_checked(dash: HttpServer, app: App, kit: TeamKit):
     assert bad.status_code == 422 and "&lt;b&gt;" in bad.text and "<b>x</b>" not in bad.text
 
 
-def every_webhook_page(op: httpx.Client) -> str:
-    """The operator's webhook list, followed across its "Next webhooks" pages. The PostgreSQL
-    database is shared by the session: run after tests/test_faults.py, other modules' webhooks
-    filled the first page and this module's webhooks were on a later one."""
-    pages, url = [], "/admin"
-    while url is not None:
-        text = op.get(url).text
+def every_page(op: httpx.Client, url: str, after: str) -> str:
+    """An operator's list, followed across its "Next" pages (`after`: the page's cursor
+    parameter). The PostgreSQL database is shared by the session: run after tests/test_faults.py,
+    other modules' webhooks filled the first page and this module's webhooks were on a later
+    one; run in another order (pytest -n), other modules' teams filled the first page of keys."""
+    pages: list[str] = []
+    next_url: str | None = url
+    while next_url is not None:
+        text = op.get(next_url).text
         pages.append(text)
-        more = re.search(r'href="(/admin\?webhooks_after=\d+)"', text)
-        url = more.group(1) if more else None
+        more = re.search(rf'href="({re.escape(url)}\?{after}=\d+)"', text)
+        next_url = more.group(1) if more else None
     return "".join(pages)
 
 
@@ -251,9 +253,9 @@ def test_operator_area_needs_the_admin_password_and_sees_every_team(dash: HttpSe
     keyed, _ = sign_in(dash, kit.rw.key)
     assert keyed.get("/admin").url.path == "/admin/login"  # an API key is not an operator
     op, csrf = sign_in_operator(dash)
-    page = every_webhook_page(op)
+    page = every_page(op, "/admin", "webhooks_after")
     assert f"#{mine.id} {PUBLIC_URL}" in page and f"#{theirs.id} {PUBLIC_URL}" in page
-    keys = op.get("/admin/keys").text
+    keys = every_page(op, "/admin/keys", "teams_after")
     assert f'data-key="{kit.rw.id}"' in keys and f'data-key="{other.rw.id}"' in keys
     assert kit.rw.key not in keys and other.rw.key not in keys
     off = op.post(f"/admin/keys/{other.rw.id}/mcp", data={"csrf": csrf, "mcp_enabled": "false"})

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from justscan_mcp.app import App
 from justscan_mcp.config import Settings
 from justscan_mcp.models import Delivery, DeliveryAttempt
+from justscan_mcp.store.outbox import NOTIFY_CHANNEL
 from tests.conftest import (
     child_env,
     free_port,
@@ -69,6 +70,20 @@ def workers(pg_url: str, tmp_path: Path, n: int, **env: str) -> Iterator[list[su
                 p.terminate()
         for p in procs:
             stop_process(p)
+
+
+def listening(app: App) -> int:
+    """How many connections of this database wait on the dispatchers' LISTEN channel."""
+    with app.store.session() as s:
+        return int(
+            s.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND query = :listen"
+                ),
+                {"listen": f"LISTEN {NOTIFY_CHANNEL}"},
+            ).scalar_one()
+        )
 
 
 def delivery_states(app: App, webhook_ids: list[int]) -> Counter[str]:
@@ -243,6 +258,7 @@ def restart_postgres() -> None:
     )
 
 
+@pytest.mark.pg_restart
 def test_restart_postgres_while_deliveries_are_flowing(pg_url, app, receiver, tmp_path):
     if not Path("/etc/postgresql").is_dir():
         pytest.skip("needs the local PostgreSQL cluster")
@@ -253,6 +269,9 @@ def test_restart_postgres_while_deliveries_are_flowing(pg_url, app, receiver, tm
     env = child_env(pg_url, **FAST)
     accepted: list[int] = []
     with spawn_server(env, tmp_path / "s.log", "--no-dispatcher") as server, workers(pg_url, tmp_path, 2):
+        # Both listening before the restart: a worker still starting when PostgreSQL went down
+        # only retried its first connection, and had no LISTEN connection to lose (seen run alone).
+        wait_for(lambda: listening(app) >= 2, what="both workers listening")
         for i in range(300):
             if i == 100:
                 restart_postgres()
