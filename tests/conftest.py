@@ -40,19 +40,6 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     compileall.compile_dir(Path(__file__).resolve().parents[1] / "src" / "justscan_mcp", quiet=1)
 
 
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A test that stops the shared PostgreSQL must not run beside other tests: under -n it
-    would fail the other process's PostgreSQL tests at random. It fails instead of stopping
-    anything (a skipped outage test would go unnoticed); the README's command runs these tests
-    in a pytest of their own."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and item.get_closest_marker("pg_restart"):
-        pytest.fail(
-            "this test stops the shared PostgreSQL, so it cannot run under -n: run "
-            '-m "not pg_restart" under -n, then -m pg_restart alone, as the README does',
-            pytrace=False,
-        )
-
-
 READ_TOOLS = ["get_webhook", "get_webhook_stats", "list_deliveries", "list_webhooks"]
 WRITE_TOOLS = [
     "create_webhook",

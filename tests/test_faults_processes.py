@@ -58,7 +58,6 @@ def postgres(action: str) -> None:
         )
 
 
-@pytest.mark.pg_restart
 def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothing(
     pg_url: str, receiver: Receiver, tmp_path: Path
 ):
@@ -107,7 +106,6 @@ def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothin
         app.close()
 
 
-@pytest.mark.pg_restart
 def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_error(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ):

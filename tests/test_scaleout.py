@@ -258,7 +258,6 @@ def restart_postgres() -> None:
     )
 
 
-@pytest.mark.pg_restart
 def test_restart_postgres_while_deliveries_are_flowing(pg_url, app, receiver, tmp_path):
     if not Path("/etc/postgresql").is_dir():
         pytest.skip("needs the local PostgreSQL cluster")
