@@ -40,6 +40,20 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     compileall.compile_dir(Path(__file__).resolve().parents[1] / "src" / "justscan_mcp", quiet=1)
 
 
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A `serial` test stops the shared PostgreSQL or bounds a time that a second busy process
+    stretches (a rate over a window, a latency under a timeout). Beside another xdist process it
+    would fail the other process's tests, or fail at random itself: under -n it fails at once
+    with that reason instead (a skip would go unnoticed). The README's command runs these after
+    the rest, in a pytest of their own."""
+    if os.environ.get("PYTEST_XDIST_WORKER") and item.get_closest_marker("serial"):
+        pytest.fail(
+            "a `serial` test cannot run beside another process (-n): run -m 'not serial' under -n, "
+            "then -m serial alone, as the README's test command does",
+            pytrace=False,
+        )
+
+
 READ_TOOLS = ["get_webhook", "get_webhook_stats", "list_deliveries", "list_webhooks"]
 WRITE_TOOLS = [
     "create_webhook",

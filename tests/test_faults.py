@@ -323,6 +323,7 @@ async def test_redeliver_to_an_inactive_webhook_is_refused_and_stores_nothing(db
 # --- isolation --------------------------------------------------------------------------------
 
 
+@pytest.mark.serial
 async def test_a_black_holed_receiver_does_not_delay_other_webhooks(db_url: str, receiver: Receiver):
     """200 deliveries queued for a receiver that accepts and never answers, 16 slots: another
     webhook's deliveries must each arrive in less than one delivery timeout."""
@@ -625,6 +626,7 @@ async def test_the_host_is_judged_as_the_client_parses_it(receiver: Receiver):
         )
 
 
+@pytest.mark.serial
 async def test_a_slow_name_server_costs_one_lookup_its_time_limit_not_everyone_else(monkeypatch):
     """DNS has its own threads and a per-lookup time limit: a lookup that hangs fails on time, and
     lookups of other names (and the event loop's default executor) do not queue behind it."""

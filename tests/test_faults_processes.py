@@ -58,6 +58,7 @@ def postgres(action: str) -> None:
         )
 
 
+@pytest.mark.serial
 def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothing(
     pg_url: str, receiver: Receiver, tmp_path: Path
 ):
@@ -106,6 +107,7 @@ def test_sigterm_with_postgres_stopped_exits_within_the_timeout_and_loses_nothin
         app.close()
 
 
+@pytest.mark.serial
 def test_a_stop_inside_pipelined_statements_drops_the_connection_without_a_pool_error(
     pg_url: str, caplog: pytest.LogCaptureFixture
 ):
@@ -229,6 +231,7 @@ def test_a_sqlite_worker_wakes_within_milliseconds_for_another_process_s_event(
         app.close()
 
 
+@pytest.mark.serial
 def test_a_black_hole_does_not_delay_other_webhooks_across_workers(
     pg_url: str, receiver: Receiver, tmp_path: Path
 ):

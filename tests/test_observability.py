@@ -446,6 +446,7 @@ def test_a_sigkilled_worker_s_delivery_is_taken_over_logged_and_counted(own_pg: 
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_a_database_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     pg_base_url: str | None, tmp_path: Path
 ):

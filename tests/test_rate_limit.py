@@ -163,6 +163,7 @@ def test_held_deliveries_do_not_keep_other_webhooks_waiting(app: App):
 
 
 @pytest.mark.anyio
+@pytest.mark.serial
 async def test_30_deliveries_at_5_per_second_take_5_seconds_at_a_real_receiver(db_url: str):
     with Receiver() as receiver:
         async with running(db_url) as app:
@@ -203,6 +204,7 @@ def _most_in_window(times: list[float], width: float) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_two_worker_processes_share_one_limit(db_url: str, tmp_path):
     """Each worker may have one send in flight for the webhook and the receiver takes 0.25 s, so
     one worker alone could do 4 a second and the two together 8: the limit of 5 is what binds,

@@ -187,7 +187,9 @@ def test_an_event_recorded_by_a_server_wakes_a_separate_worker_at_once(pg_url, a
         workers(pg_url, tmp_path, 1, JUSTSCAN_POLL_INTERVAL="30"),
     ):
         wait_for(lambda: "started" in (tmp_path / "worker0.log").read_text(), what="worker up")
-        time.sleep(0.5)  # let the worker's first poll pass, so only NOTIFY can wake it now
+        # Once it listens, its first poll (made as it starts) has passed: with a 30 s poll
+        # interval only NOTIFY can wake it in time for these events.
+        wait_for(lambda: listening(app) >= 1, what="the worker listening")
         latencies = []
         for i in range(5):
             before = len(receiver.at("/notify"))
@@ -258,6 +260,7 @@ def restart_postgres() -> None:
     )
 
 
+@pytest.mark.serial
 def test_restart_postgres_while_deliveries_are_flowing(pg_url, app, receiver, tmp_path):
     if not Path("/etc/postgresql").is_dir():
         pytest.skip("needs the local PostgreSQL cluster")
