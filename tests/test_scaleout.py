@@ -187,8 +187,8 @@ def test_an_event_recorded_by_a_server_wakes_a_separate_worker_at_once(pg_url, a
         workers(pg_url, tmp_path, 1, JUSTSCAN_POLL_INTERVAL="30"),
     ):
         wait_for(lambda: "started" in (tmp_path / "worker0.log").read_text(), what="worker up")
-        # Once it listens, its first poll (made as it starts) has passed: with a 30 s poll
-        # interval only NOTIFY can wake it in time for these events.
+        # From here NOTIFY can wake it, and with a 30 s poll interval nothing else gets these
+        # events out in time (its first claim, made as it starts, might still take the first).
         wait_for(lambda: listening(app) >= 1, what="the worker listening")
         latencies = []
         for i in range(5):
